@@ -1,0 +1,59 @@
+"""The weight-math backend the model calls: `Ops.for_device(device)` picks it once.
+
+Owns: backend selection (Triton kernels on CUDA when triton imports, the torch reference in
+ds4py/quant/ref.py elsewhere) and load-time weight preparation. Does not own: the kernels
+(ds4py/quant/triton/) or model logic. Every backend computes the same float32 function; see
+ref.py for the exact semantics of `linear` and `moe`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from gguf import GGMLQuantizationType as GQ
+
+from ds4py.quant import ref
+from ds4py.quant.formats import QTensor, quantize
+
+
+class Ops:
+    """Torch reference backend; `for_device` returns a faster subclass where one applies."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    @staticmethod
+    def for_device(device: torch.device | str) -> Ops:
+        device = torch.device(device)
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            from ds4py.quant.triton.backend import TritonOps
+
+            return TritonOps(device)
+        return Ops(device)
+
+    def prepare(self, w: QTensor) -> QTensor:
+        """Once at load: move to the device; float weights become F32 so matmuls use them as-is."""
+        w = w.to(self.device)
+        if w.format.float_dtype is not None and w.qtype != GQ.F32:
+            return quantize(w.dequantize(torch.float32), GQ.F32)
+        return w
+
+    def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
+        """x [T, in] f32, w (out, in) -> [T, out] f32."""
+        return ref.linear(x, w)
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        gate: QTensor,
+        up: QTensor,
+        down: QTensor,
+        clamp: float,
+    ) -> torch.Tensor:
+        """Routed experts: x [T, D], ids/weights [T, k]; gate/up (E, F, D), down (E, D, F)."""
+        return ref.moe(x, ids, weights, gate, up, down, clamp)
