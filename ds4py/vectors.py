@@ -96,13 +96,13 @@ def vector_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """BOS USER prompt ASSISTANT </think>: one non-thinking user turn with an empty system
     prompt, the request the API vectors were captured with. The prompt is plain BPE."""
     t = tokenizer
-    return [t.bos_id, t.user_id, *t.encode(prompt), t.assistant_id, t.end_think_id]
+    return [t.bos_id, t.user_id, *t.encode(prompt, specials=False), t.assistant_id, t.end_think_id]
 
 
-def vocab_by_bytes(tokenizer: Any, n_vocab: int) -> dict[bytes, int]:
+def vocab_by_bytes(tokenizer: Any) -> dict[bytes, int]:
     """Token bytes -> id; the API names tokens only by their bytes. First id wins on ties."""
     table: dict[bytes, int] = {}
-    for i in range(n_vocab):
+    for i in range(tokenizer.vocab_size):
         table.setdefault(tokenizer.token_bytes(i), i)
     return table
 

@@ -207,3 +207,50 @@ def test_collect_steps_teacher_forcing_and_limit():
     steps = vectors.collect_steps(sess, _Tok(), 3, 2, force=[9, None])
     assert [s["selected"]["id"] for s in steps] == [4, 6, 7]
     assert sess.evaluated == [9, 6]  # the last step is not evaluated
+
+
+# ---- tokenization (real vocabulary) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from ds4py.tokenizer import Tokenizer
+
+    return Tokenizer.default()
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_vector_prompt_has_the_api_token_count(tok, case_id):
+    case = CASES[case_id]
+    ids = vectors.vector_prompt_ids(tok, case.prompt)
+    assert ids[:2] == [tok.bos_id, tok.user_id]
+    assert ids[-2:] == [tok.assistant_id, tok.end_think_id]
+    assert tok.decode(ids[2:-2]) == case.prompt
+    check = vectors.check_tokenization(case, ids, vectors.vocab_by_bytes(tok))
+    assert check.ok, check
+    assert check.prompt_tokens == case.official["usage"]["prompt_tokens"]
+
+
+def test_official_tokens_map_to_single_vocab_entries(tok):
+    by_bytes = vectors.vocab_by_bytes(tok)
+    for case in CASES.values():
+        for raw in vectors.official_tokens(case.official):
+            assert tok.token_bytes(by_bytes[raw]) == raw
+
+
+def test_vector_prompt_keeps_special_literals_as_text(tok):
+    ids = vectors.vector_prompt_ids(tok, "say </think> please")
+    assert ids.count(tok.end_think_id) == 1 and ids[-1] == tok.end_think_id
+
+
+def test_tokenization_check_reports_unknown_tokens_and_count(tok):
+    case = CASES["short_reasoning_plain"]
+    official = copy.deepcopy(case.official)
+    official["steps"][0]["top_logprobs"][1]["logprob"] = -2.0  # now a ranked alternative
+    official["steps"][0]["top_logprobs"][1]["token"]["bytes"] = list(b"\xff\xfeno such token")
+    bad = vectors.OfficialCase(case.id, case.kind, case.ctx, case.prompt, 99, official)
+    ids = vectors.vector_prompt_ids(tok, case.prompt)
+    check = vectors.check_tokenization(bad, ids, vectors.vocab_by_bytes(tok))
+    assert not check.ok
+    assert check.prompt_tokens == case.api_prompt_tokens != 99
+    assert len(check.unknown) == 1 and "no such token" in check.unknown[0]
