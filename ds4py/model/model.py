@@ -1,0 +1,394 @@
+"""DeepSeek V4 Flash, the reference forward pass (MODEL.md §2–§3), any torch device.
+
+Reads like the spec: mHC around every sublayer, q low-rank + per-head norm, one shared K=V row per
+token with partial interleaved RoPE, sliding window + compressed rows (ratio 4 with the lightning
+indexer, ratio 128), sinks, grouped low-rank output, hash/learned MoE. Weights are attributes
+named after their GGUF tensors (`blk.3.attn_q_a.weight` -> `model.blk[3].attn_q_a`); every weight
+product goes through `quant.ops`. No I/O here: `model/load.py` binds tensors, `kv/state.py` owns
+the cache tensors, `engine.py` drives chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Shape
+from ..kv.state import CompressorState, KVState, LayerState
+from ..quant.formats import QTensor
+from ..quant.ops import Ops
+
+Tensor = torch.Tensor
+
+# ---- Small math: norms, RoPE, quantization round trips ----
+
+
+def rms_norm(x: Tensor, w: Tensor | None, eps: float) -> Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
+
+
+def rope_freqs(shape: Shape, compress: bool) -> Tensor:
+    """Per-pair angular frequencies [n_rot/2] (float64); YaRN only on compressed layers."""
+    half = shape.n_rot // 2
+    i = torch.arange(half, dtype=torch.float64)
+    if not compress:
+        return shape.rope_freq_base ** (-i / half)
+    base = shape.compress_rope_freq_base
+    g = base ** (-i / half)
+
+    def corr(beta: float) -> float:
+        return (
+            shape.n_rot
+            * math.log(shape.rope_orig_ctx / (2 * math.pi * beta))
+            / (2 * math.log(base))
+        )
+
+    lo = max(math.floor(corr(shape.yarn_beta_fast)), 0)
+    hi = min(math.ceil(corr(shape.yarn_beta_slow)), shape.n_rot - 1)
+    keep = 1 - ((i - lo) / max(hi - lo, 1e-3)).clamp(0, 1)  # 1: original, 0: slowed by the factor
+    return g * keep + g / shape.rope_scaling_factor * (1 - keep)
+
+
+def rope(x: Tensor, pos: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate adjacent pairs of the last len(freqs)*2 dims of x [T, ..., W] at positions pos [T]."""
+    n = freqs.numel() * 2
+    ang = pos.to(torch.float64)[:, None] * freqs.to(pos.device)[None, :]  # [T, n/2], exact angles
+    cos, sin = ang.cos().float(), ang.sin().float()
+    if inverse:
+        sin = -sin
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (n // 2,)
+    cos, sin = cos.view(shape), sin.view(shape)
+    a, b = x[..., -n::2], x[..., -n + 1 :: 2]
+    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-n], rot), dim=-1)
+
+
+def _pow2_ceil(v: Tensor) -> Tensor:
+    """2^ceil(log2(v)) for v > 0, exact (no log rounding)."""
+    m, e = torch.frexp(v)  # v = m * 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(v), torch.where(m == 0.5, e - 1, e))
+
+
+def fp8_sim(x: Tensor, n_nope: int) -> Tensor:
+    """E4M3 round trip with a power-of-two scale per 64 on the no-RoPE dims (MODEL.md §2.3)."""
+    nope = x[..., :n_nope].unflatten(-1, (n_nope // 64, 64))
+    s = _pow2_ceil(nope.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448)
+    q = (nope / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    return torch.cat((q.flatten(-2), x[..., n_nope:]), dim=-1)
+
+
+def hadamard(x: Tensor) -> Tensor:
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim."""
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device)
+    bits = torch.bitwise_and(idx[:, None], idx[None, :])
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    h = (1 - 2 * parity).to(x.dtype)
+    return (x @ h) / math.sqrt(n)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def e2m1_round(v: Tensor) -> Tensor:
+    """Nearest E2M1 value of v in [-6, 6], ties to the even code."""
+    grid = torch.tensor(E2M1, device=v.device)
+    bounds = (grid[1:] + grid[:-1]) / 2
+    m = v.abs()
+    code = torch.searchsorted(bounds, m.contiguous())
+    tie = (code < 7) & (m == bounds[code.clamp(max=6)])
+    code = code + (tie & (code % 2 == 1)).long()
+    return grid[code] * v.sign()
+
+
+def fp4_sim(x: Tensor) -> Tensor:
+    """Hadamard + E2M1 round trip with a power-of-two scale per 32 (indexer vectors)."""
+    y = hadamard(x).unflatten(-1, (x.shape[-1] // 32, 32))
+    s = _pow2_ceil(y.abs().amax(-1, keepdim=True).clamp_min(6 * 2.0**-126) / 6)
+    return (e2m1_round((y / s).clamp(-6, 6)) * s).flatten(-2)
+
+
+def round_rope_f16(x: Tensor, n_rot: int) -> Tensor:
+    """Cached rows keep their RoPE dims at 16-bit precision (ds4 stores F16)."""
+    return torch.cat((x[..., :-n_rot], x[..., -n_rot:].half().float()), dim=-1)
+
+
+def attend(q: Tensor, keys: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
+    """Softmax attention with a per-head sink logit; keys double as values. q [T,H,d] -> [T,H,d]."""
+    logits = torch.einsum("thd,kd->thk", q, keys) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+    sink = sinks.view(1, -1, 1).expand(q.shape[0], -1, 1)
+    p = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("thk,kd->thd", p, keys)
+
+
+# ---- One transformer block ----
+
+
+class Block:
+    """Layer `blk.{layer}`: attention half and MoE half, each wrapped in mHC."""
+
+    # Weight attributes (bound by load.py, named after the GGUF tensors; absent ones stay None).
+    hc_attn_fn: QTensor
+    hc_attn_base: Tensor
+    hc_attn_scale: Tensor
+    attn_norm: Tensor
+    attn_q_a: QTensor
+    attn_q_a_norm: Tensor
+    attn_q_b: QTensor
+    attn_kv: QTensor
+    attn_kv_a_norm: Tensor
+    attn_sinks: Tensor
+    attn_output_a: QTensor  # viewed as [o_groups, o_lora_rank, group_in]
+    attn_output_b: QTensor
+    attn_compressor_ape: Tensor | None = None
+    attn_compressor_kv: QTensor | None = None
+    attn_compressor_gate: QTensor | None = None
+    attn_compressor_norm: Tensor | None = None
+    indexer_attn_q_b: QTensor | None = None
+    indexer_proj: QTensor | None = None
+    indexer_compressor_ape: Tensor | None = None
+    indexer_compressor_kv: QTensor | None = None
+    indexer_compressor_gate: QTensor | None = None
+    indexer_compressor_norm: Tensor | None = None
+    hc_ffn_fn: QTensor
+    hc_ffn_base: Tensor
+    hc_ffn_scale: Tensor
+    ffn_norm: Tensor
+    ffn_gate_inp: QTensor
+    exp_probs_b: Tensor | None = None
+    ffn_gate_tid2eid: Tensor | None = None
+    ffn_gate_exps: QTensor
+    ffn_up_exps: QTensor
+    ffn_down_exps: QTensor
+    ffn_gate_shexp: QTensor
+    ffn_up_shexp: QTensor
+    ffn_down_shexp: QTensor
+
+    def __init__(self, shape: Shape, layer: int, ops: Ops, quant_sim: bool):
+        self.shape, self.layer, self.ops, self.quant_sim = shape, layer, ops, quant_sim
+        self.ratio = shape.ratio(layer)
+        self.freqs = rope_freqs(shape, compress=self.ratio != 0)
+
+    def forward(self, X: Tensor, tokens: Tensor, pos: Tensor, st: LayerState) -> Tensor:
+        """X [T, hc, D] at positions pos [T] (consecutive) -> X' [T, hc, D]; updates st."""
+        u, post, comb = self.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        y = self.attention(rms_norm(u, self.attn_norm, self.shape.norm_eps), pos, st)
+        X = self.hc_post(X, y, post, comb)
+        u, post, comb = self.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        y = self.moe(rms_norm(u, self.ffn_norm, self.shape.norm_eps), tokens)
+        return self.hc_post(X, y, post, comb)
+
+    # ---- mHC (MODEL.md §2.4) ----
+    def hc_pre(self, X: Tensor, fn: QTensor, scale: Tensor, base: Tensor):
+        hc, eps = self.shape.hc_mult, self.shape.hc_eps
+        z = rms_norm(X.flatten(1), None, self.shape.norm_eps)  # [T, hc*D]
+        v = (
+            self.ops.linear(z, fn)
+            * torch.repeat_interleave(scale, torch.tensor([hc, hc, hc * hc], device=scale.device))
+            + base
+        )
+        pre = torch.sigmoid(v[:, :hc]) + eps
+        post = 2 * torch.sigmoid(v[:, hc : 2 * hc])
+        comb = torch.softmax(v[:, 2 * hc :].unflatten(-1, (hc, hc)), dim=-1) + eps
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+        for _ in range(self.shape.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + eps)
+        u = (pre[:, :, None] * X).sum(1)  # [T, D]
+        return u, post, comb
+
+    @staticmethod
+    def hc_post(X: Tensor, y: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        # X'_b = post_b * y + sum_a comb[a, b] X_a  (the combine matrix applied transposed)
+        return post[:, :, None] * y[:, None, :] + torch.einsum("tab,tad->tbd", comb, X)
+
+    # ---- Attention (MODEL.md §3.2 steps 2–8) ----
+    def attention(self, x: Tensor, pos: Tensor, st: LayerState) -> Tensor:
+        s, T = self.shape, x.shape[0]
+        qr = rms_norm(self.ops.linear(x, self.attn_q_a), self.attn_q_a_norm, s.norm_eps)
+        q = self.ops.linear(qr, self.attn_q_b).view(T, s.n_head, s.head_dim)
+        q = rope(rms_norm(q, None, s.norm_eps), pos, self.freqs)
+        kv = rms_norm(self.ops.linear(x, self.attn_kv), self.attn_kv_a_norm, s.norm_eps)
+        kv = self.cache_row(rope(kv, pos, self.freqs))  # [T, head_dim]
+
+        keys, kpos = st.window_with(kv, int(pos[0]))
+        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - s.window)
+        if self.ratio:
+            self.compress(x, int(pos[0]), st)
+            comp = st.comp[: st.n_comp]
+            visible = (
+                torch.arange(st.n_comp, device=x.device)[None, :] < (pos[:, None] + 1) // self.ratio
+            )
+            if self.ratio == 4:
+                visible = visible & self.indexer_select(x, qr, pos, st, visible)
+            keys = torch.cat((keys, comp))
+            mask = torch.cat((mask, visible), dim=1)
+        st.push_window(kv, int(pos[0]))
+
+        o = attend(q, keys, mask, self.attn_sinks)
+        o = rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
+        low = torch.cat(
+            [self.ops.linear(o[:, g], self.attn_output_a[g]) for g in range(s.o_groups)], 1
+        )
+        return self.ops.linear(low, self.attn_output_b)
+
+    def cache_row(self, kv: Tensor) -> Tensor:
+        """What the cache keeps of a K=V row: FP8 no-RoPE dims, 16-bit RoPE dims (quant_sim)."""
+        if not self.quant_sim:
+            return kv
+        return round_rope_f16(fp8_sim(kv, self.shape.n_nope), self.shape.n_rot)
+
+    # ---- Compressors (MODEL.md §2.6) ----
+    def compress(self, x: Tensor, p0: int, st: LayerState) -> None:
+        rows = self.pool(
+            x,
+            p0,
+            st.attn_frontier,
+            self.attn_compressor_kv,
+            self.attn_compressor_gate,
+            self.attn_compressor_ape,
+        )
+        k0 = st.n_comp
+        if rows.shape[0]:
+            rows = rms_norm(rows, self.attn_compressor_norm, self.shape.norm_eps)
+            rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
+            st.append_comp(self.cache_row(rope(rows, rpos, self.freqs)))
+        if self.ratio == 4:
+            rows = self.pool(
+                x,
+                p0,
+                st.index_frontier,
+                self.indexer_compressor_kv,
+                self.indexer_compressor_gate,
+                self.indexer_compressor_ape,
+            )
+            if rows.shape[0]:
+                rows = rms_norm(rows, self.indexer_compressor_norm, self.shape.norm_eps)
+                rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
+                rows = rope(rows, rpos, self.freqs)
+                st.append_index(fp4_sim(rows) if self.quant_sim else rows)
+
+    def pool(
+        self, x: Tensor, p0: int, fr: CompressorState, wkv: QTensor, wgate: QTensor, ape: Tensor
+    ) -> Tensor:
+        """Feed tokens at p0.. to a compressor; return the pooled rows of the windows they close."""
+        r, T = self.ratio, x.shape[0]
+        a = self.ops.linear(x, wkv)  # [T, coff*w]
+        b = self.ops.linear(x, wgate) + ape[(p0 + torch.arange(T, device=x.device)) % r]
+        n_pend = p0 % r
+        A = torch.cat((fr.cur_kv[:n_pend], a))  # tokens from the window start p0 - n_pend
+        B = torch.cat((fr.cur_score[:n_pend], b))
+        n_full = A.shape[0] // r
+        full_a = A[: n_full * r].unflatten(0, (n_full, r))
+        full_b = B[: n_full * r].unflatten(0, (n_full, r))
+        if n_full == 0:
+            fr.advance(A, B, 0)
+            return a.new_zeros(0, a.shape[1] // (2 if r == 4 else 1))
+        if r == 4:
+            # Overlap: a row pools the A halves of the previous window and the B halves of its own.
+            w = a.shape[1] // 2
+            prev_a = torch.cat((fr.prev_kv[None], full_a[:-1]))
+            prev_b = torch.cat((fr.prev_score[None], full_b[:-1]))
+            cand_a = torch.cat((prev_a[..., :w], full_a[..., w:]), dim=1)
+            cand_b = torch.cat((prev_b[..., :w], full_b[..., w:]), dim=1)
+        else:
+            cand_a, cand_b = full_a, full_b
+        pooled = (torch.softmax(cand_b, dim=1) * cand_a).sum(1)  # [n_full, w]
+        fr.advance(A, B, n_full)
+        return pooled
+
+    # ---- Lightning indexer (MODEL.md §2.7) ----
+    def indexer_select(
+        self, x: Tensor, qr: Tensor, pos: Tensor, st: LayerState, visible: Tensor
+    ) -> Tensor:
+        """Mask [T, n_comp] of the compressed rows each query attends: its top-k visible rows."""
+        s, T = self.shape, x.shape[0]
+        if st.n_comp <= s.indexer_top_k:
+            return visible  # every visible row is selected; scoring cannot change that
+        qi = self.ops.linear(qr, self.indexer_attn_q_b).view(
+            T, s.n_indexer_head, s.indexer_head_dim
+        )
+        qi = rope(qi, pos, self.freqs)
+        if self.quant_sim:
+            qi = fp4_sim(qi)
+        w = self.ops.linear(x, self.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
+        keys = st.index[: st.n_comp]
+        score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))
+        score = score.masked_fill(~visible, float("-inf"))
+        # stable sort: among equal scores the lower row index wins, as in ds4
+        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : s.indexer_top_k]
+        chosen = torch.zeros_like(visible).scatter_(1, top, True)
+        return chosen & visible
+
+    # ---- MoE (MODEL.md §2.9) ----
+    def moe(self, x: Tensor, tokens: Tensor) -> Tensor:
+        s = self.shape
+        scores = torch.sqrt(F.softplus(self.ops.linear(x, self.ffn_gate_inp)))  # [T, E]
+        if self.layer < s.n_hash_layer:
+            ids = self.ffn_gate_tid2eid[tokens].long()
+        else:
+            ids = torch.topk(scores + self.exp_probs_b, s.n_expert_used, dim=-1).indices
+        w = scores.gather(1, ids)
+        w = s.expert_weights_scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
+        routed = self.ops.moe(
+            x, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps, s.swiglu_clamp
+        )
+        return routed + self.shared_expert(x)
+
+    def shared_expert(self, x: Tensor) -> Tensor:
+        c = self.shape.swiglu_clamp
+        g = self.ops.linear(x, self.ffn_gate_shexp).clamp(max=c)
+        v = self.ops.linear(x, self.ffn_up_shexp).clamp(-c, c)
+        return self.ops.linear(F.silu(g) * v, self.ffn_down_shexp)
+
+
+# ---- The whole model ----
+
+
+class Transformer:
+    """Embedding, 43 (or fewer) blocks, HC head, output norm and LM head."""
+
+    token_embd: QTensor
+    output: QTensor
+    output_norm: Tensor
+    output_hc_fn: QTensor
+    output_hc_base: Tensor
+    output_hc_scale: Tensor
+
+    def __init__(self, shape: Shape, ops: Ops, quant_sim: bool = True):
+        self.shape, self.ops, self.quant_sim = shape, ops, quant_sim
+        self.blk = [Block(shape, i, ops, quant_sim) for i in range(shape.n_layer)]
+
+    def forward(self, tokens: Tensor, state: KVState, all_logits: bool = False) -> Tensor:
+        """Run tokens [T] at positions state.pos.. ; logits [T, vocab] or [1, vocab] (last only)."""
+        pos = state.pos + torch.arange(tokens.shape[0], device=tokens.device)
+        X = self.embed(tokens)[:, None, :].expand(-1, self.shape.hc_mult, -1)  # [T, hc, D]
+        for blk, st in zip(self.blk, state.layers, strict=True):
+            X = blk.forward(X, tokens, pos, st)
+        state.pos += tokens.shape[0]
+        if not all_logits:
+            X = X[-1:]
+        return self.ops.linear(self.head(X), self.output)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        w = self.token_embd
+        return QTensor(w.data[tokens], w.qtype, (tokens.shape[0], w.shape[1])).dequantize()
+
+    def head(self, X: Tensor) -> Tensor:
+        """HC head collapse, then the output norm (MODEL.md §2.4, §3.1)."""
+        s = self.shape
+        z = rms_norm(X.flatten(1), None, s.norm_eps)
+        pre = (
+            torch.sigmoid(
+                self.ops.linear(z, self.output_hc_fn) * self.output_hc_scale + self.output_hc_base
+            )
+            + s.hc_eps
+        )
+        return rms_norm((pre[:, :, None] * X).sum(1), self.output_norm, s.norm_eps)
