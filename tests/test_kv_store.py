@@ -213,11 +213,10 @@ def test_sigkill_during_save_leaves_nothing_loadable(tmp_path, point):
     store = open_store(tmp_path)
     text = "a long agent session"
     old = put(store, text, 10)  # an older snapshot under the same key must survive
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     child = subprocess.Popen(
         [sys.executable, str(REPO / "tests/helpers/kv_writer.py"), str(store.directory), FP,
          text, "600", str(8 << 20), "7", point],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         line = child.stdout.readline()

@@ -5,12 +5,19 @@ Prints "FROZEN" once stopped, then sleeps until the parent kills it with SIGKILL
 a slow disk so the kill lands deterministically; it patches only this child's view of I/O.
 """
 
+import importlib.util
 import os
 import random
 import sys
 import time
+from pathlib import Path
 
-from ds4py.kv import store as kv
+# Load store.py on its own: the ds4py package imports torch (seconds), the store needs none of it.
+_spec = importlib.util.spec_from_file_location(
+    "kv_store_under_test", Path(__file__).resolve().parents[2] / "ds4py" / "kv" / "store.py"
+)
+kv = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kv)
 
 
 def freeze() -> None:
