@@ -42,7 +42,7 @@ class Ops:
         return w
 
     def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
-        """x [T, in] f32, w (out, in) -> [T, out] f32."""
+        """x [T, in] (or grouped [T, G, in], MODEL.md §2.8) f32, w (out, in) -> [T, out] f32."""
         return ref.linear(x, w)
 
     def moe(

@@ -28,8 +28,12 @@ def dense_weight(w: QTensor) -> torch.Tensor:
 def check_linear(x: torch.Tensor, w: QTensor) -> None:
     if len(w.shape) != 2:
         raise ValueError(f"linear weight must be 2-D (out, in), got shape {w.shape}")
-    if x.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"linear input must be [T, {w.shape[1]}], got {tuple(x.shape)}")
+    groups = x.shape[1] if x.ndim == 3 else 1
+    if x.ndim not in (2, 3) or x.shape[-1] != w.shape[1] or w.shape[0] % groups:
+        raise ValueError(
+            f"linear input must be [T, {w.shape[1]}] or [T, G, {w.shape[1]}] with G dividing "
+            f"{w.shape[0]}, got {tuple(x.shape)}"
+        )
     if x.dtype != torch.float32:
         raise ValueError(f"linear input must be float32, got {x.dtype}")
     if x.device != w.device:
@@ -37,8 +41,20 @@ def check_linear(x: torch.Tensor, w: QTensor) -> None:
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x [T, in] f32 @ w(out, in).T -> [T, out] f32."""
+    """x [T, in] f32 @ w(out, in).T -> [T, out] f32.
+
+    Grouped form (MODEL.md §2.8): x [T, G, in] -> [T, out], where output rows
+    g*out/G .. (g+1)*out/G use x[:, g].
+    """
     check_linear(x, w)
+    if x.ndim == 3:
+        rows = w.shape[0] // x.shape[1]
+        parts = [_linear(x[:, g], w[g * rows : (g + 1) * rows]) for g in range(x.shape[1])]
+        return torch.cat(parts, dim=1)
+    return _linear(x, w)
+
+
+def _linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     if w.format.float_dtype is not None:
         return x @ dense_weight(w).T
     rows = max(1, SLAB_BYTES // (4 * w.shape[1]))

@@ -1,0 +1,54 @@
+"""`TritonOps`: the CUDA backend, binding the Triton kernels into the `Ops` interface.
+
+Owns: dispatch by token count (GEMV / decode MoE for <= 8 tokens, tensor-core GEMM / grouped
+MoE above) and the device-resident IQ2_XXS grid. Does not own: kernels (gemv.py, gemm.py,
+moe.py) or semantics (ds4py/quant/ref.py, which the CPU backend runs).
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as GQ
+
+from ds4py.quant import ref
+from ds4py.quant.formats import QTensor
+from ds4py.quant.ops import Ops
+from ds4py.quant.triton.gemm import gemm
+from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
+from ds4py.quant.triton.moe import moe_decode, moe_prefill
+from ds4py.quant.triton.tiles import SUPPORTED, grid_table
+
+
+class TritonOps(Ops):
+    name = "triton"
+
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__(device)
+        self.grid = grid_table(self.device)
+
+    def prepare(self, w: QTensor) -> QTensor:
+        """Move to the device, keeping the GGUF encoding (F16 stays F16: half the bytes)."""
+        return w.to(self.device).contiguous()
+
+    def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
+        ref.check_linear(x, w)
+        if w.qtype not in SUPPORTED or w.qtype == GQ.F32:
+            return ref.linear(x, w)
+        x = x.contiguous()
+        if x.shape[0] <= MAX_TOKENS:
+            return gemv(x, w, self.grid)
+        return gemm(x, w, self.grid)
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        gate: QTensor,
+        up: QTensor,
+        down: QTensor,
+        clamp: float,
+    ) -> torch.Tensor:
+        if x.shape[0] <= MAX_TOKENS:
+            return moe_decode(x, ids, weights, gate, up, down, clamp, self.grid)
+        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.grid)

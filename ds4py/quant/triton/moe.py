@@ -1,0 +1,241 @@
+"""Routed-expert FFN on GGUF-encoded expert tensors: decode (few tokens) and prefill (grouped).
+
+Owns: out[t] = sum_i down[e] @ (w[t,i] * silu(min(gate[e] x, c)) * clamp(up[e] x, -c, c)),
+e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: launch 1
+does every selected expert's gate+up+SwiGLU (f32 FMA), launch 2 one down row block per token
+summing its k experts in slot order. Prefill: slots sorted by expert, grouped bf16 GEMMs. No
+float atomics anywhere, so results are deterministic. Does not own: routing (the model).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4py.quant import ref
+from ds4py.quant.formats import QTensor
+from ds4py.quant.triton.gemm import bf16_dot, emulate_bf16
+from ds4py.quant.triton.gemv import gemv_config
+from ds4py.quant.triton.tiles import SUPPORTED, dequant_tile, group_size
+
+# ---- Decode ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _clamped_swiglu(g, u, clamp):
+    g = tl.minimum(g, clamp)
+    u = tl.minimum(tl.maximum(u, -clamp), clamp)
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x, ids, wts, gate, up, grid, h, F, D, RB, clamp,
+    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+):  # fmt: skip
+    slot = tl.program_id(0)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    e = tl.load(ids + slot).to(tl.int64)
+    row_off = (e * F + tl.minimum(rows, F - 1)) * RB
+    xb = x + (slot // KTOP).to(tl.int64) * D
+    kk = tl.arange(0, BK // GS)[:, None] * GS + tl.arange(0, GS)[None, :]
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        xt = tl.load(xb + k0 + kk)[None, :, :]
+        acc_g += tl.sum(tl.sum(dequant_tile(gate, grid, row_off, k0, FMT, BK) * xt, 2), 1)
+        acc_u += tl.sum(tl.sum(dequant_tile(up, grid, row_off, k0, FMT, BK) * xt, 2), 1)
+    hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot)
+    tl.store(h + slot.to(tl.int64) * F + rows, hv, mask=rows < F)
+
+
+@triton.jit
+def _moe_down_kernel(
+    h, ids, down, grid, out, D, F, RB,
+    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(rows, D - 1)
+    kk = tl.arange(0, BK // GS)[:, None] * GS + tl.arange(0, GS)[None, :]
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for i in range(KTOP):  # slot order: the sum is deterministic
+        slot = t * KTOP + i
+        row_off = (tl.load(ids + slot).to(tl.int64) * D + rows_c) * RB
+        hb = h + slot.to(tl.int64) * F
+        for k0 in range(0, F, BK):
+            wt = dequant_tile(down, grid, row_off, k0, FMT, BK)
+            acc += tl.sum(tl.sum(wt * tl.load(hb + k0 + kk)[None, :, :], 2), 1)
+    tl.store(out + t.to(tl.int64) * D + rows, acc, mask=rows < D)
+
+
+def _check(x, ids, weights, gate, up, down) -> None:
+    ref.check_moe(x, ids, weights, gate, up, down)
+    for w in (gate, up, down):
+        if w.qtype not in SUPPORTED or not w.data.is_contiguous() or w.device != x.device:
+            raise ValueError(f"moe: expert tensor {w.qtype.name} must be contiguous on {x.device}")
+    if gate.qtype != up.qtype:
+        raise ValueError(f"moe: gate {gate.qtype.name} and up {up.qtype.name} types differ")
+
+
+def moe_decode(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: QTensor,
+    up: QTensor,
+    down: QTensor,
+    clamp: float,
+    grid: torch.Tensor,
+) -> torch.Tensor:
+    """Two launches; suited to a few tokens (every slot re-reads its expert's rows)."""
+    _check(x, ids, weights, gate, up, down)
+    n_tok, k = ids.shape
+    _, n_ff, dim = gate.shape
+    x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
+    h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
+    bn, bk = _decode_tile(n_ff, dim, n_tok * k)
+    _moe_gate_up_kernel[(n_tok * k, triton.cdiv(n_ff, bn))](
+        x, ids32, wts, gate.data, up.data, grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
+        KTOP=k, FMT=int(gate.qtype), BN=bn, BK=bk, GS=group_size(gate.qtype, bk), num_warps=4,
+    )  # fmt: skip
+    out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
+    bn, bk = _decode_tile(dim, n_ff, n_tok)
+    _moe_down_kernel[(n_tok, triton.cdiv(dim, bn))](
+        h, ids32, down.data, grid, out, dim, n_ff, down.data.shape[-1],
+        KTOP=k, FMT=int(down.qtype), BN=bn, BK=bk, GS=group_size(down.qtype, bk), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _decode_tile(rows: int, cols: int, programs_per_block: int) -> tuple[int, int]:
+    # gemv's heuristic with the grid's extra dimension counted; two tiles live at once in gate/up
+    bn, bk = gemv_config(rows * programs_per_block, cols, rows)
+    return bn, min(bk, 2048)
+
+
+# ---- Prefill ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_rows(tiles, r, BM: tl.constexpr):
+    """Sorted-slot rows of tile r: (expert, rows [BM], valid mask [BM])."""
+    e = tl.load(tiles + 3 * r).to(tl.int64)
+    start = tl.load(tiles + 3 * r + 1)
+    rows = start + tl.arange(0, BM)
+    return e, rows, rows < tl.load(tiles + 3 * r + 2)
+
+
+@triton.jit
+def _grouped_gate_up_kernel(
+    xb, order, wts, tiles, gate, up, grid, h, F, D, RB, clamp,
+    KTOP: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, GS: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_off = (e * F + tl.minimum(rn, F - 1)) * RB
+    slot = tl.load(order + rows, mask=valid, other=0)
+    xrow = xb + (slot // KTOP).to(tl.int64)[:, None] * D
+    kk = tl.arange(0, BK)
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        a = tl.load(xrow + k0 + kk[None, :])
+        wg = tl.reshape(dequant_tile(gate, grid, row_off, k0, FMT, BK), (BN, BK))
+        acc_g = bf16_dot(a, tl.trans(wg.to(tl.bfloat16)), acc_g, EMULATE)
+        wu = tl.reshape(dequant_tile(up, grid, row_off, k0, FMT, BK), (BN, BK))
+        acc_u = bf16_dot(a, tl.trans(wu.to(tl.bfloat16)), acc_u, EMULATE)
+    hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot, mask=valid, other=0)[:, None]
+    hmask = valid[:, None] & (rn[None, :] < F)
+    tl.store(h + rows.to(tl.int64)[:, None] * F + rn[None, :], hv.to(tl.bfloat16), mask=hmask)
+
+
+@triton.jit
+def _grouped_down_kernel(
+    h, tiles, down, grid, y, D, F, RB,
+    FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GS: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_off = (e * D + tl.minimum(rn, D - 1)) * RB
+    hrow = h + tl.where(valid, rows, 0).to(tl.int64)[:, None] * F
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, F, BK):
+        a = tl.load(hrow + k0 + kk[None, :])
+        wt = tl.reshape(dequant_tile(down, grid, row_off, k0, FMT, BK), (BN, BK))
+        acc = bf16_dot(a, tl.trans(wt.to(tl.bfloat16)), acc, EMULATE)
+    ymask = valid[:, None] & (rn[None, :] < D)
+    tl.store(y + rows.to(tl.int64)[:, None] * D + rn[None, :], acc, mask=ymask)
+
+
+def expert_tiles(ids: torch.Tensor, n_exp: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort slots by expert: (order [S] slot per sorted row, tiles int32 [n, 3] of
+    (expert, first sorted row, end row)), one tile per BM rows of each used expert."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_exp)
+    starts = torch.cumsum(counts, 0) - counts
+    n_tiles = (counts + bm - 1) // bm
+    tile_exp = torch.repeat_interleave(torch.arange(n_exp, device=ids.device), n_tiles)
+    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+    local = torch.arange(tile_exp.numel(), device=ids.device) - first_tile[tile_exp]
+    row0 = starts[tile_exp] + local * bm
+    tiles = torch.stack([tile_exp, row0, starts[tile_exp] + counts[tile_exp]], dim=1)
+    return order.to(torch.int32), tiles.to(torch.int32).contiguous()
+
+
+def moe_prefill(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: QTensor,
+    up: QTensor,
+    down: QTensor,
+    clamp: float,
+    grid: torch.Tensor,
+) -> torch.Tensor:
+    """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two)."""
+    _check(x, ids, weights, gate, up, down)
+    n_tok, k = ids.shape
+    n_exp, n_ff, dim = gate.shape
+    if dim % 64 or n_ff % 64:
+        raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} must be multiples of 64")
+    bm = 64 if n_tok * k <= 48 * n_exp else 128  # ~rows per expert under balanced routing
+    order, tiles = expert_tiles(ids, n_exp, bm)  # one host sync: the grid size
+    n_tiles, n_slots, emulate = tiles.shape[0], n_tok * k, emulate_bf16()
+    h = torch.empty(n_slots, n_ff, dtype=torch.bfloat16, device=x.device)
+    bn, bk = 64, 64
+    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, bn))](
+        x.to(torch.bfloat16), order, weights.reshape(-1).contiguous(), tiles, gate.data, up.data,
+        grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
+        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=bn, BK=bk, GS=group_size(gate.qtype, bk),
+        EMULATE=emulate, num_warps=8 if bm == 128 else 4, num_stages=3,
+    )  # fmt: skip
+    y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
+    bn = 128
+    _grouped_down_kernel[(n_tiles, triton.cdiv(dim, bn))](
+        h, tiles, down.data, grid, y, dim, n_ff, down.data.shape[-1],
+        FMT=int(down.qtype), BM=bm, BN=bn, BK=bk, GS=group_size(down.qtype, bk),
+        EMULATE=emulate, num_warps=8 if bm == 128 else 4, num_stages=3,
+    )  # fmt: skip
+    per_slot = torch.empty_like(y)
+    per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
+    return per_slot.view(n_tok, k, dim).sum(dim=1)
+
+
+def moe_ref(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: QTensor,
+    up: QTensor,
+    down: QTensor,
+    clamp: float,
+    grid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference with the launchers' signature (float32 throughout)."""
+    return ref.moe(x, ids, weights, gate, up, down, clamp)

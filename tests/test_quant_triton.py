@@ -1,0 +1,137 @@
+"""Triton kernels vs their torch references over a grid of small shapes.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the
+kernels are defined), so CI checks them on CPU; with CUDA they run natively. Tolerances (norm-
+wise relative error): f32-FMA paths (dequant, GEMV, decode MoE) 1e-5; bf16 tensor-core paths
+(GEMM 1e-2, prefill MoE 2e-2, which also rounds h to bf16).
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GQ
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from ds4py.quant.formats import random_qtensor  # noqa: E402
+from ds4py.quant.ops import Ops  # noqa: E402
+from ds4py.quant.triton import tiles  # noqa: E402
+from ds4py.quant.triton.backend import TritonOps  # noqa: E402
+from ds4py.quant.triton.gemm import gemm, gemm_ref  # noqa: E402
+from ds4py.quant.triton.gemv import gemv, gemv_ref  # noqa: E402
+from ds4py.quant.triton.moe import moe_decode, moe_prefill, moe_ref  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+GRID = tiles.grid_table(DEV)
+FORMATS = [GQ.F16, GQ.BF16, GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS]
+EXPERTS = [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K), (GQ.Q8_0, GQ.F16)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _weight(qtype, shape, seed):
+    return random_qtensor(qtype, shape, torch.Generator().manual_seed(seed), scale=0.1).to(DEV)
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_dequant_tile_matches_formats(qtype):
+    w = _weight(qtype, (16, 512), 1)
+    got = tiles.dequantize(w.data, qtype, 512, GRID)
+    want = w.dequantize()
+    tol = 0 if not CUDA else 1e-6 * want.abs().max().item()  # GPUs may fuse scale*q - min
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("n_tok,groups", [(1, 1), (3, 2), (8, 1)])
+def test_gemv(qtype, n_tok, groups):
+    w = _weight(qtype, (64, 512), int(qtype))
+    x = _randn(n_tok, groups, 512, seed=n_tok).squeeze(1)
+    out = torch.full((n_tok, 64), float("nan"), device=DEV)
+    out.copy_(gemv(x.contiguous(), w, GRID))
+    assert _rel(out, gemv_ref(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("m,groups", [(9, 1), (130, 2)])
+def test_gemm(qtype, m, groups):
+    w = _weight(qtype, (256, 512), int(qtype))
+    x = _randn(m, groups, 512, seed=m).squeeze(1).contiguous()
+    assert _rel(gemm(x, w, GRID), gemm_ref(x, w)) < 1e-2
+
+
+def _experts(gate_t, down_t, n_exp=6, n_ff=256, dim=256):
+    gate = _weight(gate_t, (n_exp, n_ff, dim), 1)
+    up = _weight(gate_t, (n_exp, n_ff, dim), 2)
+    down = _weight(down_t, (n_exp, dim, n_ff), 3)
+    return gate, up, down
+
+
+def _routing(n_tok, n_exp, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(n_tok)])
+    return ids.to(DEV), torch.rand(n_tok, k, generator=gen).to(DEV)
+
+
+@pytest.mark.parametrize("gate_t,down_t", EXPERTS)
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_moe_decode(gate_t, down_t, n_tok):
+    gate, up, down = _experts(gate_t, down_t)
+    x = _randn(n_tok, 256, seed=5)
+    ids, wts = _routing(n_tok, 6, 2, seed=n_tok)
+    got = moe_decode(x, ids, wts, gate, up, down, 1.0, GRID)
+    assert _rel(got, moe_ref(x, ids, wts, gate, up, down, 1.0)) < 1e-5
+    assert torch.equal(moe_decode(x, ids, wts, gate, up, down, 1.0, GRID), got)
+
+
+@pytest.mark.parametrize("gate_t,down_t", EXPERTS)
+def test_moe_prefill(gate_t, down_t):
+    gate, up, down = _experts(gate_t, down_t)
+    x = _randn(11, 256, seed=6)
+    ids, wts = _routing(11, 6, 3, seed=7)
+    got = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)
+    assert _rel(got, moe_ref(x, ids, wts, gate, up, down, 1.0)) < 2e-2
+    assert torch.equal(moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID), got)
+
+
+def test_backend_dispatch_matches_reference():
+    fast, slow = TritonOps(DEV), Ops(DEV)
+    w = fast.prepare(_weight(GQ.Q8_0, (128, 256), 9))
+    assert w.qtype == GQ.Q8_0  # no upcast on the Triton backend
+    for n_tok, tol in ((2, 1e-5), (12, 1e-2)):
+        x = _randn(n_tok, 256, seed=n_tok)
+        assert _rel(fast.linear(x, w), slow.linear(x, slow.prepare(w))) < tol
+    gate, up, down = _experts(GQ.IQ2_XXS, GQ.Q2_K, n_exp=4)
+    for n_tok, tol in ((2, 1e-5), (10, 2e-2)):
+        x = _randn(n_tok, 256, seed=3)
+        ids, wts = _routing(n_tok, 4, 2, seed=4)
+        got = fast.moe(x, ids, wts, gate, up, down, 10.0)
+        assert _rel(got, slow.moe(x, ids, wts, gate, up, down, 10.0)) < tol
+
+
+def test_launcher_errors():
+    w = _weight(GQ.Q8_0, (64, 256), 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(_randn(1, 128, seed=0), w, GRID)
+    with pytest.raises(ValueError, match="tokens"):
+        gemv(_randn(9, 256, seed=0), w, GRID)
+    with pytest.raises(ValueError, match="float32"):
+        gemm(_randn(16, 256, seed=0).half(), w, GRID)
+    gate, up, down = _experts(GQ.Q8_0, GQ.Q8_0, n_exp=2)
+    ids, wts = _routing(1, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="types differ"):
+        moe_decode(_randn(1, 256, seed=0), ids, wts, gate, _experts(GQ.Q4_K, GQ.Q4_K, 2)[1],
+                   down, 1.0, GRID)  # fmt: skip
