@@ -70,12 +70,15 @@ class Engine:
     @classmethod
     def demo(cls, device: str = "cpu", seed: int = 0, quant_sim: bool = True) -> Engine:
         """A tiny random-weight model of the V4 Flash architecture with the real tokenizer."""
+        from .gguf import GGMLType
         from .synth import demo_shape, write_synthetic
 
-        path = Path(tempfile.gettempdir()) / f"ds4py-demo-{seed}.gguf"
+        # Cached in the temp dir: building it takes seconds. Dense weights are F16 so the CPU
+        # reference runs them as float32 matmuls; experts keep the real q2 types.
+        path = Path(tempfile.gettempdir()) / f"ds4py-demo-v1-{seed}.gguf"
         if not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            write_synthetic(tmp, demo_shape(), quant="q2", seed=seed)
+            write_synthetic(tmp, demo_shape(), quant="q2", seed=seed, dense=GGMLType.F16)
             os.replace(tmp, path)
         return cls.open(path, device=device, quant_sim=quant_sim)
 

@@ -53,8 +53,8 @@ def demo_shape() -> Shape:
     )
 
 
-def layout_type(spec: TensorSpec, quant: str) -> GGMLType:
-    """The GGUF type a tensor has in ds4's published files."""
+def layout_type(spec: TensorSpec, quant: str, dense: GGMLType = T.Q8_0) -> GGMLType:
+    """The GGUF type a tensor has in ds4's published files (`dense`: the Q8_0 ones)."""
     if spec.kind == "table":
         return T.I32
     if spec.kind == "vector":
@@ -64,7 +64,7 @@ def layout_type(spec: TensorSpec, quant: str) -> GGMLType:
             return EXPERT_TYPES[quant][i]
     if any(p in spec.name for p in F16_MATRICES):
         return T.F16
-    return T.Q8_0
+    return dense
 
 
 def synthetic_tensor(
@@ -84,13 +84,13 @@ def synthetic_tensor(
 
 
 def synthetic_tensors(
-    shape: Shape, quant: str = "q2", seed: int = 0
+    shape: Shape, quant: str = "q2", seed: int = 0, dense: GGMLType = T.Q8_0
 ) -> Iterator[tuple[TensorSpec, GGMLType, Callable[[], QTensor]]]:
     """(spec, type, maker) for every tensor; makers are deterministic per tensor and seed."""
     for i, spec in enumerate(tensor_specs(shape)):
         if spec.optional and spec.name.endswith("exp_probs_b.bias"):
             spec = TensorSpec(spec.name, spec.shape, spec.kind)
-        qtype = layout_type(spec, quant)
+        qtype = layout_type(spec, quant, dense)
 
         def make(spec=spec, qtype=qtype, i=i) -> QTensor:
             gen = torch.Generator().manual_seed(seed * 100003 + i)
@@ -103,11 +103,11 @@ def synthetic_tensors(
         yield spec, qtype, make
 
 
-def tokenizer_metadata() -> dict:
-    """The real DeepSeek V4 vocabulary as GGUF tokenizer keys."""
+def tokenizer_metadata(tokenizer_json: str | os.PathLike | None = None) -> dict:
+    """A tokenizer.json (default: the official DeepSeek V4 one) as GGUF tokenizer keys."""
     from .tokenizer import vocab_from_tokenizer_json
 
-    tokens, merges, types = vocab_from_tokenizer_json()
+    tokens, merges, types = vocab_from_tokenizer_json(tokenizer_json)
     return {
         "tokenizer.ggml.model": ("string", "gpt2"),
         "tokenizer.ggml.pre": ("string", "joyai-llm"),
@@ -118,7 +118,11 @@ def tokenizer_metadata() -> dict:
 
 
 def write_synthetic(
-    path: str | os.PathLike, shape: Shape, quant: str = "q2", seed: int = 0
+    path: str | os.PathLike,
+    shape: Shape,
+    quant: str = "q2",
+    seed: int = 0,
+    dense: GGMLType = T.Q8_0,
 ) -> None:
     """A GGUF of `shape` with random weights of the published types and the real tokenizer."""
     md = shape.to_metadata()
@@ -132,7 +136,7 @@ def write_synthetic(
             _nbytes(qtype, spec.shape),
             lambda m=make: m().data.numpy(),
         )
-        for spec, qtype, make in synthetic_tensors(shape, quant, seed)
+        for spec, qtype, make in synthetic_tensors(shape, quant, seed, dense)
     ]
     write_gguf(path, md, pending)
 
