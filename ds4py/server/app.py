@@ -344,7 +344,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     @app.post("/v1/messages")
     async def messages(req: MessagesRequest, request: Request) -> Response:
         job = await run_in_threadpool(srv.prompter.messages_job, req)
-        meta = openai.Meta(f"msg_{srv.ids.seq():024d}", int(time.time()), srv.model_id(req.model))
+        meta = openai.Meta(IdMaker.hex("msg_"), int(time.time()), srv.model_id(req.model))
         return await run_job(
             srv,
             request,

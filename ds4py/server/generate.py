@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from .. import chat
-from ..sample import DsmlForcing, Sampler, SamplingParams
+from ..sample import DsmlTracker, Sampler, SamplingParams
 from .common import (
     ContentDelta,
     Done,
@@ -145,7 +145,7 @@ def generate(session, tok, job: Job, usage: Usage,
              before_token: Callable[[], None]) -> Iterator:  # fmt: skip
     """Sample up to job.max_tokens tokens after the synced prompt; yields events, then Done."""
     sampler = Sampler(sampling_params(job))
-    forcing = DsmlForcing() if job.tools_active else None
+    forcing = DsmlTracker(job.mode.thinking) if job.tools_active else None
     decoder = tok.stream_decoder()
     stops = StopScanner(job.stop)
     proj = Projection(job)
