@@ -15,7 +15,7 @@ import triton.language as tl
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.gemv import _check
-from ds4py.quant.triton.tiles import dequant_tile, group_size
+from ds4py.quant.triton.tiles import dequant_tile, group_size, interpreting
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def bf16_dot(a, b, acc, EMULATE: tl.constexpr):
 
 
 def emulate_bf16() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+    return interpreting()
 
 
 @triton.jit
@@ -69,12 +69,14 @@ def gemm_config(k: int, rows_per_group: int) -> dict:
     return dict(BM=128, BN=bn, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def gemm(x: torch.Tensor, w: QTensor, grid: torch.Tensor) -> torch.Tensor:
-    """x [M, K] or [M, G, K] float32, w (N, K) -> [M, N] float32 (bf16 products, f32 sums)."""
+def gemm(x: torch.Tensor, w: QTensor, grid: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """x [M, K] or [M, G, K] float32, w (N, K) -> [M, N] float32 (bf16 products, f32 sums).
+
+    `cfg` (BM, BN, BK, GROUP_M, num_warps, num_stages) overrides the default tiling."""
     groups = _check(x, w)
     n, k = w.shape
     rpg = n // groups
-    cfg = gemm_config(k, rpg)
+    cfg = cfg or gemm_config(k, rpg)
     if k % cfg["BK"] or rpg % cfg["BN"]:
         raise ValueError(f"gemm: weight {w.shape} with {groups} groups has no tiling")
     m = x.shape[0]
@@ -88,6 +90,8 @@ def gemm(x: torch.Tensor, w: QTensor, grid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemm_ref(x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_ref(
+    x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None, cfg: dict | None = None
+) -> torch.Tensor:
     """Torch reference with gemm's signature (float32 throughout)."""
     return ref.linear(x, w)

@@ -14,11 +14,11 @@ import triton.language as tl
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
-from ds4py.quant.triton.tiles import SUPPORTED, dequant_tile, group_size
+from ds4py.quant.triton.tiles import SUPPORTED, dequant_tile, group_size, interpreting
 
 MAX_TOKENS = 8
 # elements of W one program decodes per K step; enough loads in flight, bounded registers
-TILE_ELEMS = 8192
+TILE_ELEMS = 4096
 
 
 @triton.jit
@@ -53,16 +53,18 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def min_programs() -> int:
     # ~4 programs per SM keep enough loads in flight; the interpreter wants the fewest programs
-    return 1 if triton.knobs.runtime.interpret else 512
+    return 1 if interpreting() else 512
 
 
-def gemv_config(n: int, k: int, rows_per_group: int) -> tuple[int, int]:
-    """(BN, BK): a whole-K tile where it fits, few rows per program so the grid fills the GPU."""
-    bk = _pow2_divisor(k, 4096)
-    bn = max(1, min(16, TILE_ELEMS // bk))
+def gemv_config(
+    n: int, k: int, rows_per_group: int, tile_elems: int = TILE_ELEMS, num_warps: int = 4
+) -> dict:
+    """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU."""
+    bk = _pow2_divisor(k, min(4096, tile_elems))
+    bn = max(1, min(16, tile_elems // bk))
     while bn > 1 and (n // bn < min_programs() or rows_per_group % bn):
         bn //= 2
-    return bn, bk
+    return dict(BN=bn, BK=bk, num_warps=num_warps)
 
 
 def _check(x: torch.Tensor, w: QTensor) -> int:
@@ -79,24 +81,31 @@ def _check(x: torch.Tensor, w: QTensor) -> int:
     return groups
 
 
-def gemv(x: torch.Tensor, w: QTensor, grid: torch.Tensor) -> torch.Tensor:
-    """x [T, K] or [T, G, K] float32 (T <= 8), w (N, K) -> [T, N] float32."""
+def gemv(x: torch.Tensor, w: QTensor, grid: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """x [T, K] or [T, G, K] float32 (T <= 8), w (N, K) -> [T, N] float32.
+
+    `cfg` (BN, BK, num_warps) overrides the tiling heuristic (benchmarks)."""
     groups = _check(x, w)
     n_tok = x.shape[0]
     if not 1 <= n_tok <= MAX_TOKENS:
         raise ValueError(f"gemv: 1..{MAX_TOKENS} tokens, got {n_tok}")
     n, k = w.shape
     rpg = n // groups
-    bn, bk = gemv_config(n, k, rpg)
+    cfg = cfg or gemv_config(n, k, rpg)
+    bn, bk = cfg["BN"], cfg["BK"]
+    if k % bk or rpg % bn:
+        raise ValueError(f"gemv: tile {bn}x{bk} does not divide weight {w.shape}")
     out = torch.empty(n_tok, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w.data, grid, out, n, k, w.data.shape[-1], rpg, groups * k, k,
         FMT=int(w.qtype), T=n_tok, BT=triton.next_power_of_2(n_tok),
-        BN=bn, BK=bk, GS=group_size(w.qtype, bk), num_warps=4,
+        GS=group_size(w.qtype, bk), **cfg,
     )  # fmt: skip
     return out
 
 
-def gemv_ref(x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_ref(
+    x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None, cfg: dict | None = None
+) -> torch.Tensor:
     """Torch reference with gemv's signature."""
     return ref.linear(x, w)

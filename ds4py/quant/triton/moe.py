@@ -88,31 +88,37 @@ def moe_decode(
     down: QTensor,
     clamp: float,
     grid: torch.Tensor,
+    cfg: dict | None = None,
 ) -> torch.Tensor:
-    """Two launches; suited to a few tokens (every slot re-reads its expert's rows)."""
+    """Two launches; suited to a few tokens (every slot re-reads its expert's rows).
+
+    `cfg` {"gate_up": gemv-style tile, "down": ...} overrides the tiling (benchmarks)."""
     _check(x, ids, weights, gate, up, down)
     n_tok, k = ids.shape
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
-    bn, bk = _decode_tile(n_ff, dim, n_tok * k)
-    _moe_gate_up_kernel[(n_tok * k, triton.cdiv(n_ff, bn))](
+    cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim)
+    gu, dn = cfg["gate_up"], cfg["down"]
+    if dim % gu["BK"] or n_ff % gu["BN"] or n_ff % dn["BK"] or dim % dn["BN"]:
+        raise ValueError(f"moe_decode: tiles {cfg} do not divide experts {gate.shape}")
+    _moe_gate_up_kernel[(n_tok * k, n_ff // gu["BN"])](
         x, ids32, wts, gate.data, up.data, grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
-        KTOP=k, FMT=int(gate.qtype), BN=bn, BK=bk, GS=group_size(gate.qtype, bk), num_warps=4,
+        KTOP=k, FMT=int(gate.qtype), GS=group_size(gate.qtype, gu["BK"]), **gu,
     )  # fmt: skip
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
-    bn, bk = _decode_tile(dim, n_ff, n_tok)
-    _moe_down_kernel[(n_tok, triton.cdiv(dim, bn))](
+    _moe_down_kernel[(n_tok, dim // dn["BN"])](
         h, ids32, down.data, grid, out, dim, n_ff, down.data.shape[-1],
-        KTOP=k, FMT=int(down.qtype), BN=bn, BK=bk, GS=group_size(down.qtype, bk), num_warps=4,
+        KTOP=k, FMT=int(down.qtype), GS=group_size(down.qtype, dn["BK"]), **dn,
     )  # fmt: skip
     return out
 
 
-def _decode_tile(rows: int, cols: int, programs_per_block: int) -> tuple[int, int]:
-    # gemv's heuristic with the grid's extra dimension counted; two tiles live at once in gate/up
-    bn, bk = gemv_config(rows * programs_per_block, cols, rows)
-    return bn, min(bk, 2048)
+def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile_elems: int = 4096,
+                      num_warps: int = 4) -> dict:  # fmt: skip
+    """gemv's heuristic with the slot/token grid dimension counted (gate/up holds two tiles)."""
+    gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, tile_elems, num_warps)
+    return dict(gate_up=gate_up, down=gemv_config(dim * n_tok, n_ff, dim, tile_elems, num_warps))
 
 
 # ---- Prefill ---------------------------------------------------------------------------------
@@ -188,6 +194,12 @@ def expert_tiles(ids: torch.Tensor, n_exp: int, bm: int) -> tuple[torch.Tensor, 
     return order.to(torch.int32), tiles.to(torch.int32).contiguous()
 
 
+def moe_prefill_config(n_slots: int, n_exp: int) -> dict:
+    big = n_slots > 48 * n_exp  # ~rows per expert under balanced routing
+    return dict(BM=128 if big else 64, BN_GU=64, BN_DOWN=128, BK=64,
+                num_warps=8 if big else 4, num_stages=3)  # fmt: skip
+
+
 def moe_prefill(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -197,30 +209,33 @@ def moe_prefill(
     down: QTensor,
     clamp: float,
     grid: torch.Tensor,
+    cfg: dict | None = None,
 ) -> torch.Tensor:
-    """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two)."""
+    """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two).
+
+    `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
     _check(x, ids, weights, gate, up, down)
     n_tok, k = ids.shape
     n_exp, n_ff, dim = gate.shape
     if dim % 64 or n_ff % 64:
         raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} must be multiples of 64")
-    bm = 64 if n_tok * k <= 48 * n_exp else 128  # ~rows per expert under balanced routing
+    cfg = cfg or moe_prefill_config(n_tok * k, n_exp)
+    bm, bk = cfg["BM"], cfg["BK"]
     order, tiles = expert_tiles(ids, n_exp, bm)  # one host sync: the grid size
     n_tiles, n_slots, emulate = tiles.shape[0], n_tok * k, emulate_bf16()
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], EMULATE=emulate)
     h = torch.empty(n_slots, n_ff, dtype=torch.bfloat16, device=x.device)
-    bn, bk = 64, 64
-    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, bn))](
+    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, cfg["BN_GU"]))](
         x.to(torch.bfloat16), order, weights.reshape(-1).contiguous(), tiles, gate.data, up.data,
         grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
-        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=bn, BK=bk, GS=group_size(gate.qtype, bk),
-        EMULATE=emulate, num_warps=8 if bm == 128 else 4, num_stages=3,
+        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk,
+        GS=group_size(gate.qtype, bk), **launch,
     )  # fmt: skip
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
-    bn = 128
-    _grouped_down_kernel[(n_tiles, triton.cdiv(dim, bn))](
+    _grouped_down_kernel[(n_tiles, triton.cdiv(dim, cfg["BN_DOWN"]))](
         h, tiles, down.data, grid, y, dim, n_ff, down.data.shape[-1],
-        FMT=int(down.qtype), BM=bm, BN=bn, BK=bk, GS=group_size(down.qtype, bk),
-        EMULATE=emulate, num_warps=8 if bm == 128 else 4, num_stages=3,
+        FMT=int(down.qtype), BM=bm, BN=cfg["BN_DOWN"], BK=bk,
+        GS=group_size(down.qtype, bk), **launch,
     )  # fmt: skip
     per_slot = torch.empty_like(y)
     per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
@@ -236,6 +251,7 @@ def moe_ref(
     down: QTensor,
     clamp: float,
     grid: torch.Tensor | None = None,
+    cfg: dict | None = None,
 ) -> torch.Tensor:
     """Torch reference with the launchers' signature (float32 throughout)."""
     return ref.moe(x, ids, weights, gate, up, down, clamp)

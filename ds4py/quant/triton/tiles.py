@@ -8,6 +8,8 @@ values of ds4py/quant/formats.py (up to FMA contraction in the final scale/min s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,11 @@ F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS = 0, 1, 30, 8, 10, 12, 16
 SUPPORTED = (GQ.F32, GQ.F16, GQ.BF16, GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS)
 # elements that share one scale (the innermost tile dim); float formats use the whole tile
 _GROUP = {GQ.Q8_0: 32, GQ.Q4_K: 32, GQ.Q2_K: 16, GQ.IQ2_XXS: 8}
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def group_size(qtype: GQ, bk: int) -> int:

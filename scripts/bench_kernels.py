@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Microbenchmark of the quantized-weight Triton kernels at DeepSeek V4 Flash shapes (CUDA).
+
+Owns: the numbers in docs/PERFORMANCE.md "Kernels": device-to-device copy bandwidth, decode GEMV
+and decode MoE time / GB/s / % of copy bandwidth, prefill GEMM and grouped-expert GEMM TFLOP/s,
+plus a correctness check of every kernel against its torch reference on the GPU. Each tiling
+candidate is timed and the best and the default are reported. Does not own the kernels.
+Usage: python scripts/bench_kernels.py [--out DIR] [--tests] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_quant_only() -> None:
+    """Make `ds4py.quant` importable without ds4py/__init__.py (the engine's imports need
+    packages, e.g. the tokenizer's, that a bare GPU box may lack)."""
+    if "ds4py" not in sys.modules:
+        pkg = types.ModuleType("ds4py")
+        pkg.__path__ = [str(ROOT / "ds4py")]
+        sys.modules["ds4py"] = pkg
+
+
+_import_quant_only()
+from gguf import GGMLQuantizationType as GQ  # noqa: E402
+
+from ds4py.quant import ref  # noqa: E402
+from ds4py.quant.formats import FORMATS, QTensor, random_blocks, row_bytes  # noqa: E402
+from ds4py.quant.triton.gemm import gemm  # noqa: E402
+from ds4py.quant.triton.gemv import gemv, gemv_config  # noqa: E402
+from ds4py.quant.triton.moe import (  # noqa: E402
+    moe_decode,
+    moe_decode_config,
+    moe_prefill,
+    moe_prefill_config,
+)
+from ds4py.quant.triton.tiles import grid_table  # noqa: E402
+
+DEV = torch.device("cuda")
+L2_DEFEAT_BYTES = 512 << 20  # rotate buffers so a timed call never finds its weight in L2
+TOL = {"gemv": 1e-4, "moe_decode": 1e-4, "gemm": 1e-2, "moe_prefill": 2e-2}  # rel. Frobenius
+
+# ---- Timing ----------------------------------------------------------------------------------
+
+
+def time_graph(calls: list[Callable[[], object]], replays: int = 12) -> float:
+    """Median seconds per call: all calls captured in one CUDA graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def time_eager(call: Callable[[], object], reps: int = 10) -> float:
+    call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy."""
+    a = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    t = time_eager(lambda: b.copy_(a), reps=20)
+    return 2 * a.numel() / t
+
+
+def bf16_matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    return 2 * n**3 / time_eager(lambda: a @ b) / 1e12
+
+
+# ---- Data ------------------------------------------------------------------------------------
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def weight(qtype: GQ, shape: tuple[int, ...], seed: int, pool_rows: int = 4096) -> QTensor:
+    """Random valid blocks made on the CPU for up to `pool_rows` rows, tiled on the GPU."""
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    rb = row_bytes(qtype, shape[-1])
+    fmt_bytes = FORMATS[qtype].block_bytes
+    made = min(rows, pool_rows)
+    gen = torch.Generator().manual_seed(seed)
+    pool = random_blocks(qtype, made * rb // fmt_bytes, gen, scale=0.02).reshape(made, rb).to(DEV)
+    data = pool.repeat((rows + made - 1) // made, 1)[:rows].contiguous()
+    return QTensor(data.reshape(*shape[:-1], rb), qtype, shape)
+
+
+def copies(w: QTensor) -> list[QTensor]:
+    n = max(2, min(64, L2_DEFEAT_BYTES // w.nbytes))
+    return [w] + [QTensor(w.data.clone(), w.qtype, w.shape) for _ in range(n - 1)]
+
+
+# ---- Benchmarks ------------------------------------------------------------------------------
+
+
+def gemv_candidates(n: int, k: int, rpg: int) -> list[dict]:
+    seen, out = set(), []
+    for te in (2048, 4096, 8192):
+        for nw in (4, 8):
+            cfg = gemv_config(n, k, rpg, te, nw)
+            key = tuple(sorted(cfg.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+    return out
+
+
+def bench_gemv(name, qtype, n, k, groups, n_tok, copy_bw, grid, rows):
+    w = weight(qtype, (n, k), seed=n + k)
+    ws = copies(w)
+    x = torch.randn(n_tok, groups, k, device=DEV).squeeze(1).contiguous()
+    want = ref.linear(x, w)
+    default = gemv_config(n, k, n // groups)
+    results = []
+    for cfg in gemv_candidates(n, k, n // groups):
+        err = rel_err(gemv(x, w, grid, cfg), want)
+        t = time_graph([lambda w_=w_, c=cfg: gemv(x, w_, grid, c) for w_ in ws])
+        results.append((t, cfg, err))
+    _report(rows, "gemv", name, qtype, n_tok, w.nbytes, results, default, copy_bw)
+
+
+def bench_moe_decode(name, gate_t, down_t, n_tok, copy_bw, grid, rows, k=6, n_exp=256,
+                     n_ff=2048, dim=4096):  # fmt: skip
+    gate = weight(gate_t, (n_exp, n_ff, dim), 1)
+    up = weight(gate_t, (n_exp, n_ff, dim), 2)
+    down = weight(down_t, (n_exp, dim, n_ff), 3)
+    gen = torch.Generator().manual_seed(0)
+    perm, per_call = torch.randperm(n_exp, generator=gen), n_tok * k
+    # consecutive calls use disjoint experts, as consecutive layers would
+    sets = [perm[i * per_call : (i + 1) * per_call].reshape(n_tok, k).to(DEV)
+            for i in range(n_exp // per_call)]  # fmt: skip
+    x = torch.randn(n_tok, dim, device=DEV)
+    wts = torch.rand(n_tok, k, device=DEV)
+    per_expert = gate[0].nbytes + up[0].nbytes + down[0].nbytes
+    nbytes = len(torch.unique(sets[0])) * per_expert
+    want = ref.moe(x, sets[0], wts, gate, up, down, 10.0)
+    default = moe_decode_config(n_tok, k, n_ff, dim)
+    results = []
+    for te in (2048, 4096, 8192):
+        for nw in (4, 8):
+            cfg = moe_decode_config(n_tok, k, n_ff, dim, te, nw)
+            err = rel_err(moe_decode(x, sets[0], wts, gate, up, down, 10.0, grid, cfg), want)
+            calls = [lambda s=s, c=cfg: moe_decode(x, s, wts, gate, up, down, 10.0, grid, c)
+                     for s in sets]  # fmt: skip
+            results.append((time_graph(calls), cfg, err))
+    _report(rows, "moe_decode", name, gate_t, n_tok, nbytes, results, default, copy_bw)
+
+
+def _report(rows, kernel, name, qtype, n_tok, nbytes, results, default, copy_bw):
+    best = min(results, key=lambda r: r[0])
+    t_def = next(r[0] for r in results if r[1] == default)
+    row = dict(kernel=kernel, shape=name, qtype=qtype.name, tokens=n_tok, bytes=nbytes,
+               us=best[0] * 1e6, gbps=nbytes / best[0] / 1e9,
+               pct_copy=100 * nbytes / best[0] / copy_bw, best_cfg=best[1],
+               default_us=t_def * 1e6, default_pct=100 * nbytes / t_def / copy_bw,
+               max_rel_err=max(r[2] for r in results), tol=TOL[kernel])  # fmt: skip
+    rows.append(row)
+    print(f"{kernel:11s} {name:28s} {qtype.name:8s} T={n_tok} {row['us']:8.1f} us "
+          f"{row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}% (default {row['default_pct']:5.1f}%) "
+          f"err {row['max_rel_err']:.1e} best {best[1]}", flush=True)  # fmt: skip
+
+
+def bench_gemm(name, qtype, n, k, m, rows, grid):
+    w = weight(qtype, (n, k), seed=7)
+    x = torch.randn(m, k, device=DEV)
+    want = ref.linear(x, w)
+    cands = [
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=2),
+        dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
+    ]
+    results = []
+    for cfg in cands:
+        try:
+            err = rel_err(gemm(x, w, grid, cfg), want)
+            results.append((time_eager(lambda c=cfg: gemm(x, w, grid, c)), cfg, err))
+        except Exception as exc:  # a tile that does not fit shared memory or registers
+            print(f"  gemm cfg {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    flops = 2 * m * n * k
+    _report_flops(rows, "gemm", name, qtype, m, flops, results)
+
+
+def bench_moe_prefill(name, gate_t, down_t, n_tok, n_used, rows, grid, k=6, n_exp=256,
+                      n_ff=2048, dim=4096):  # fmt: skip
+    gate = weight(gate_t, (n_exp, n_ff, dim), 1)
+    up = weight(gate_t, (n_exp, n_ff, dim), 2)
+    down = weight(down_t, (n_exp, dim, n_ff), 3)
+    gen = torch.Generator().manual_seed(1)
+    if n_used == k:  # every token picks the same 6 experts: 2048 rows per expert
+        ids = torch.arange(k).repeat(n_tok, 1)
+    else:
+        ids = torch.stack([torch.randperm(n_used, generator=gen)[:k] for _ in range(n_tok)])
+    ids = ids.to(DEV)
+    x = torch.randn(n_tok, dim, device=DEV)
+    wts = torch.rand(n_tok, k, device=DEV)
+    want = ref.moe(x, ids, wts, gate, up, down, 10.0)
+    base = moe_prefill_config(n_tok * k, n_used)
+    cands = [base] + [
+        dict(base, BM=128, BN_GU=64, BN_DOWN=128, num_warps=8),
+        dict(base, BM=128, BN_GU=128, BN_DOWN=128, num_warps=8),
+        dict(base, BM=64, BN_GU=64, BN_DOWN=128, num_warps=4),
+    ]
+    results = []
+    for cfg in cands:
+        try:
+            err = rel_err(moe_prefill(x, ids, wts, gate, up, down, 10.0, grid, cfg), want)
+            call = lambda c=cfg: moe_prefill(x, ids, wts, gate, up, down, 10.0, grid, c)
+            results.append((time_eager(call), cfg, err))
+        except Exception as exc:
+            print(f"  moe_prefill cfg {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    flops = 2 * n_tok * k * 3 * n_ff * dim
+    _report_flops(rows, "moe_prefill", name, gate_t, n_tok, flops, results)
+
+
+def _report_flops(rows, kernel, name, qtype, n_tok, flops, results):
+    best = min(results, key=lambda r: r[0])
+    row = dict(kernel=kernel, shape=name, qtype=qtype.name, tokens=n_tok, ms=best[0] * 1e3,
+               tflops=flops / best[0] / 1e12, best_cfg=best[1],
+               default_tflops=flops / results[0][0] / 1e12,
+               max_rel_err=max(r[2] for r in results), tol=TOL[kernel])  # fmt: skip
+    rows.append(row)
+    print(f"{kernel:11s} {name:28s} {qtype.name:8s} T={n_tok} {row['ms']:8.3f} ms "
+          f"{row['tflops']:6.1f} TFLOP/s (default {row['default_tflops']:6.1f}) "
+          f"err {row['max_rel_err']:.1e} best {best[1]}", flush=True)  # fmt: skip
+
+
+def kernel_resources() -> list[dict]:
+    """Registers / spills / shared memory of every compiled kernel variant (best effort)."""
+    from ds4py.quant.triton import gemm as gemm_mod
+    from ds4py.quant.triton import gemv as gemv_mod
+    from ds4py.quant.triton import moe as moe_mod
+
+    kernels = [gemv_mod._gemv_kernel, gemm_mod._gemm_kernel, moe_mod._moe_gate_up_kernel,
+               moe_mod._moe_down_kernel, moe_mod._grouped_gate_up_kernel,
+               moe_mod._grouped_down_kernel]  # fmt: skip
+    out = []
+    for kern in kernels:
+        for cache in getattr(kern, "device_caches", {}).values():
+            for key, ck in cache[0].items():
+                out.append(dict(kernel=kern.fn.__name__, key=str(key)[-160:],
+                                regs=getattr(ck, "n_regs", None),
+                                spills=getattr(ck, "n_spills", None),
+                                shared=getattr(ck.metadata, "shared", None)))  # fmt: skip
+    return out
+
+
+# ---- Driver ----------------------------------------------------------------------------------
+
+GEMV_SHAPES = [  # name, type, out, in, groups
+    ("attn_q_a 4096->1024", GQ.Q8_0, 1024, 4096, 1),
+    ("attn_q_b 1024->32768", GQ.Q8_0, 32768, 1024, 1),
+    ("attn_output_b 8192->4096", GQ.Q8_0, 4096, 8192, 1),
+    ("attn_output_a 4096->8192 g8", GQ.Q8_0, 8192, 4096, 8),
+    ("compressor_kv 4096->1024", GQ.F16, 1024, 4096, 1),
+] + [(f"sweep 4096->16384 {q.name}", q, 16384, 4096, 1)
+     for q in (GQ.F16, GQ.BF16, GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS)]  # fmt: skip
+
+
+def run_tests() -> int:
+    import pytest
+
+    files = [str(ROOT / f"tests/test_quant_{n}.py") for n in ("triton", "formats", "ref")]
+    return int(pytest.main(["-q", *files, "-p", "no:cacheprovider"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="folder for bench.json and bench.log")
+    ap.add_argument("--tests", action="store_true", help="run the quant pytest files first")
+    ap.add_argument("--quick", action="store_true", help="decode shapes at T=1 only, no prefill")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA device")
+    test_rc = run_tests() if args.tests else None
+    grid = grid_table(DEV)
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(DEV)
+    copy_bw = copy_bandwidth()
+    mm = bf16_matmul_tflops()
+    print(f"{props.name}: copy {copy_bw / 1e9:.0f} GB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
+    rows: list[dict] = []
+    for name, q, n, k, g in GEMV_SHAPES:
+        bench_gemv(name, q, n, k, g, 1, copy_bw, grid, rows)
+    if not args.quick:
+        bench_gemv("attn_q_a 4096->1024", GQ.Q8_0, 1024, 4096, 1, 8, copy_bw, grid, rows)
+        bench_gemv("attn_q_b 1024->32768", GQ.Q8_0, 32768, 1024, 1, 8, copy_bw, grid, rows)
+    for name, gt, dt in (("experts q2 4096<->2048 6/256", GQ.IQ2_XXS, GQ.Q2_K),
+                         ("experts q4 4096<->2048 6/256", GQ.Q4_K, GQ.Q4_K)):  # fmt: skip
+        bench_moe_decode(name, gt, dt, 1, copy_bw, grid, rows)
+        if not args.quick:
+            bench_moe_decode(name, gt, dt, 4, copy_bw, grid, rows)
+    if not args.quick:
+        bench_gemm("attn_q_b 1024->32768", GQ.Q8_0, 32768, 1024, 2048, rows, grid)
+        bench_gemm("attn_output_b 8192->4096", GQ.Q8_0, 4096, 8192, 2048, rows, grid)
+        bench_gemm("shexp 4096->2048", GQ.Q8_0, 2048, 4096, 2048, rows, grid)
+        for name, gt, dt in (("q2 6 experts x 2048 tok", GQ.IQ2_XXS, GQ.Q2_K),
+                             ("q4 6 experts x 2048 tok", GQ.Q4_K, GQ.Q4_K)):  # fmt: skip
+            bench_moe_prefill(name, gt, dt, 2048, 6, rows, grid)
+        bench_moe_prefill("q2 2048 tok top-6 of 256", GQ.IQ2_XXS, GQ.Q2_K, 2048, 256, rows, grid)
+    try:
+        resources = kernel_resources()
+    except Exception as exc:  # introspection differs between Triton versions
+        resources = [dict(error=repr(exc))]
+    for r in resources:
+        if r.get("spills"):
+            print(f"spills: {r}")
+    bad = [r for r in rows if not r["max_rel_err"] <= r["tol"]]
+    summary = dict(
+        device=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        triton=__import__("triton").__version__, copy_gbps=copy_bw / 1e9, bf16_tflops=mm,
+        commit=subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip(),
+        tests_rc=test_rc, failed_checks=len(bad), seconds=time.time() - t0, rows=rows,
+        kernels=resources,
+    )  # fmt: skip
+    print(f"correctness: {len(rows) - len(bad)}/{len(rows)} within tolerance; tests rc={test_rc}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(summary, indent=1, default=str))
+    if bad or test_rc:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
