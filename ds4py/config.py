@@ -165,8 +165,12 @@ class Shape:
                 return default
             return md[full]
 
+        def f32(key: str) -> float:
+            # GGUF stores f32: take the shortest decimal that rounds to it (1e-6, not 9.99e-7)
+            return float(f"{float(get(key)):.7g}")
+
         def floats(key: str, value: float) -> float:
-            v = float(get(key, value))
+            v = float(f"{float(get(key, value)):.7g}")
             if not math.isclose(v, value, rel_tol=1e-6, abs_tol=1e-12):
                 raise ModelFileError(f"{ARCH}.{key}: expected {value}, found {v}")
             return v
@@ -184,7 +188,7 @@ class Shape:
         if not bool(get("expert_weights_norm", True)):
             raise ModelFileError(f"{ARCH}.expert_weights_norm: expected true")
         n_layer = int(get("block_count"))
-        clamps = [float(c) for c in get("swiglu_clamp_exp")]
+        clamps = [float(f"{float(c):.7g}") for c in get("swiglu_clamp_exp")]
         if len(clamps) < n_layer or any(c != clamps[0] for c in clamps[:n_layer]):
             raise ModelFileError(f"{ARCH}.swiglu_clamp_exp: expected one value for all layers")
         return cls(
@@ -216,9 +220,9 @@ class Shape:
             yarn_beta_fast=floats("rope.scaling.yarn_beta_fast", 32.0),
             yarn_beta_slow=floats("rope.scaling.yarn_beta_slow", 1.0),
             compress_rope_freq_base=floats("attention.compress_rope_freq_base", 160000.0),
-            expert_weights_scale=float(get("expert_weights_scale")),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            hc_eps=float(get("hyper_connection.epsilon")),
+            expert_weights_scale=f32("expert_weights_scale"),
+            norm_eps=f32("attention.layer_norm_rms_epsilon"),
+            hc_eps=f32("hyper_connection.epsilon"),
             context_length=int(get("context_length", 1048576)),
         )
 

@@ -32,15 +32,16 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """A GGUF file opened read-only through a copy-on-write memory map (no tensor is copied)."""
+    """A GGUF file opened through a read-only memory map (no tensor is copied)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such model file")
         try:
-            # mode "c" maps copy-on-write so torch gets writable views without reading the file.
-            self._reader = gguf.GGUFReader(self.path, "c")
+            # Read-only shared mapping: a private writable one would be charged against
+            # overcommit for the whole file (80+ GB). Tensors are never written.
+            self._reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
             raise ModelFileError(f"{self.path}: not a readable GGUF file ({e})") from None
         self.metadata = {k: _field_value(f) for k, f in self._reader.fields.items()}
@@ -95,8 +96,13 @@ def write_gguf(
     metadata: dict[str, tuple[str, Any]],
     tensors: Iterator[PendingTensor] | list[PendingTensor],
     name: str = "DeepSeek-V4-Flash",
+    sparse: bool = False,
 ) -> None:
-    """Write a GGUF v3 file; tensor bytes are produced one at a time so huge files stream."""
+    """Write a GGUF v3 file; tensor bytes are produced one at a time so huge files stream.
+
+    sparse=True writes the header and leaves every tensor as a hole of zero bytes (zero blocks
+    are valid in every type): a full-size layout for tests, in no time and no disk space.
+    """
     tensors = list(tensors)
     w = gguf.GGUFWriter(os.fspath(path), ARCH)
     w.add_name(name)
@@ -110,6 +116,13 @@ def write_gguf(
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    if sparse:
+        fout = w.fout[0]
+        align = w.data_alignment
+        end = -(-fout.tell() // align) * align + sum(-(-t.nbytes // align) * align for t in tensors)
+        fout.truncate(end)
+        w.close()
+        return
     for t in tensors:
         data = np.ascontiguousarray(t.produce()).reshape(-1).view(np.uint8)
         if data.nbytes != t.nbytes:

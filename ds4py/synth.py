@@ -123,8 +123,12 @@ def write_synthetic(
     quant: str = "q2",
     seed: int = 0,
     dense: GGMLType = T.Q8_0,
+    sparse: bool = False,
 ) -> None:
-    """A GGUF of `shape` with random weights of the published types and the real tokenizer."""
+    """A GGUF of `shape` with random weights of the published types and the real tokenizer.
+
+    sparse=True leaves the weights as zero-filled holes (the layout without the bytes).
+    """
     md = shape.to_metadata()
     if shape.n_vocab == 129280:
         md.update(tokenizer_metadata())
@@ -138,7 +142,7 @@ def write_synthetic(
         )
         for spec, qtype, make in synthetic_tensors(shape, quant, seed, dense)
     ]
-    write_gguf(path, md, pending)
+    write_gguf(path, md, pending, sparse=sparse)
 
 
 def _nbytes(qtype: GGMLType, shape: tuple[int, ...]) -> int:
