@@ -77,8 +77,8 @@ def thinking_flag(value: Any) -> bool | None:
         return None
     if isinstance(value, bool):
         return value
-    if isinstance(value, dict):
-        kind = value.get("type")
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if kind is not None:
         if kind in ("enabled", "adaptive"):
             return True
         if kind == "disabled":
