@@ -168,7 +168,7 @@ class Tokenizer:
         token_types: Sequence[int] | None = None,
     ) -> Tokenizer:
         """Build from GGUF arrays. `token_types` (GGUF enum) marks added tokens when given."""
-        tokens = [str(t) for t in tokens]
+        tokens, merges = [_as_str(t) for t in tokens], [_as_str(m) for m in merges]
         if len(set(tokens)) != len(tokens):
             raise TokenizerError("tokenizer.ggml.tokens contains duplicate strings")
         if token_types is None:
@@ -181,7 +181,7 @@ class Tokenizer:
             added = [t in (TOKEN_CONTROL, TOKEN_USER_DEFINED) for t in token_types]
         pairs = []
         for rank, m in enumerate(merges):
-            a, sep, b = str(m).partition(" ")
+            a, sep, b = m.partition(" ")
             if not sep or not a or not b:
                 raise TokenizerError(f"merge {rank} is not 'A B': {m!r}")
             pairs.append((a, b))
@@ -329,6 +329,16 @@ def _pipeline(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no ids
     return hf
+
+
+def _as_str(value: str | bytes) -> str:
+    """GGUF readers may hand strings over as UTF-8 bytes."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TokenizerError(f"vocabulary entry {bytes(value)!r} is not UTF-8") from None
+    return str(value)
 
 
 def _check_text(text: str) -> None:
