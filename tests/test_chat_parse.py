@@ -58,6 +58,7 @@ EDGE = [
     ("<thi", True),
     ("a\n\n<｜DSML｜tool_call", False),
     ("a\n\n\n", False),
+    ("a\n\n" + CALL, False),
     ("a\n\n<｜end▁of▁sent", False),
     ("r</think>" + CALL + "\n\ntrailing text<｜end▁of▁sentence｜>junk", True),
     ("😀中文 emoji</think>é" + CALL, True),
@@ -115,6 +116,7 @@ def test_parser_rules() -> None:
     # Only the newlines before the block are consumed; text after it and after EOS is dropped.
     msg = parse("Ok.  " + CALL + " tail<｜end▁of▁sentence｜>x", thinking=False)
     assert msg.content == "Ok.  " and _calls(msg) == [("f", {"a": "v"})]
+    assert parse("line\n" + CALL, thinking=False).content == "line\n"  # only the blank line goes
     assert parse("hi<｜end▁of▁sentence｜>more", thinking=False).content == "hi"
     assert parse("no thinking here").reasoning is None
 

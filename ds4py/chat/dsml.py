@@ -383,10 +383,18 @@ def _parse_body(body: str, msg: ParsedMessage) -> ParsedMessage:
     if scan.error is not None:
         msg.content, msg.malformed, msg.error = body, True, scan.error
         return msg
-    msg.content = body[:pos].rstrip("\n")
+    msg.content = _before_block(body[:pos])
     msg.tool_calls = [ToolCall(c.name, c.args) for c in scan.calls]
     msg.raw_dsml = body[len(msg.content) : scan.end]
     return msg
+
+
+def _before_block(text: str) -> str:
+    """Content before a tool-call block: the blank line that introduces the block is not content.
+
+    The official format puts exactly "\n\n" there; a lone "\n" is tolerated the same way.
+    """
+    return text[:-2] if text.endswith("\n\n") else text.removesuffix("\n")
 
 
 # ---- Streaming parser ----
@@ -486,7 +494,7 @@ class StreamParser:
     def _content(self, out: list[Event], final: bool) -> bool:
         pos = self._buf.find(TC_OPEN)
         if pos >= 0:
-            before = self._buf[:pos].rstrip("\n")
+            before = _before_block(self._buf[:pos])
             _emit(out, ContentDelta, before)
             self._block, self._tc_pos = "", pos - len(before)
             self._buf, self._state = self._buf[len(before) :], "block"
