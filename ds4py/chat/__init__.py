@@ -1,13 +1,10 @@
 """Chat layer: messages -> DeepSeek V4 prompt (`render`), generated text -> message (`parse`).
 
-The prompt is the official DeepSeek V4 encoding byte for byte (CHAT.md). `render_ids` is how
-the engine should tokenize it: template markers become special tokens, while special-token
-literals inside client text (user/system/tool content, reasoning, tool arguments, schemas) are
-encoded as plain text. The official pipeline (encoder + tokenizer.json) would turn a literal
-`<think>` or `<｜User｜>` in a user message or a tool result into the control token itself, which
-lets a file or web page forge turns or tool calls; we keep the official text and the official
-ids for all ordinary content and differ only where client text spells a special token.
-`Tokenizer.encode(render(...))` still gives the official behaviour when that is wanted.
+The prompt text is the official DeepSeek V4 encoding byte for byte (CHAT.md). Tokenize it with
+`render_ids`: template markers become special tokens, but special-token literals inside client
+text (content, reasoning, tool results and arguments, schemas) stay plain text, so a file or web
+page cannot forge turns or tool calls. Ids equal the official pipeline's (encoder + tokenizer.json)
+whenever client text spells no special token; `Tokenizer.encode(render(...))` is that pipeline.
 """
 
 from ds4py.chat.dsml import (

@@ -1,12 +1,10 @@
 """Chat messages -> DeepSeek V4 prompt, byte-identical to DeepSeek's official `encoding_dsv4.py`.
 
-Owns: OpenAI-style message validation, the official preprocessing (tool results merged into
-user turns and sorted by call order, consecutive user messages merged, old reasoning dropped
-when no tools are present), thinking / non-thinking / Think Max layout, and the
-trusted/untrusted segmentation that keeps client text from producing control tokens.
-Serving conventions (as sglang/vLLM call the official encoder): an empty system message is
-inserted when the conversation does not start with one, and the tools go on messages[0].
-Does not own: DSML syntax and tool schemas (`dsml.py`), tokenization (`ds4py.tokenizer`).
+Owns: message validation, the official preprocessing (tool results merged into user turns and
+sorted by call order, consecutive user messages merged, old reasoning dropped without tools),
+thinking / non-thinking / Think Max layout, and the trusted/untrusted segmentation of the text.
+Serving convention (sglang/vLLM): an empty system message is inserted when the conversation
+lacks one, and the tools go on messages[0]. DSML and tool schemas live in `dsml.py`.
 """
 
 from __future__ import annotations
