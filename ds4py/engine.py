@@ -90,7 +90,10 @@ class Engine:
         merges = self.metadata.get("tokenizer.ggml.merges")
         if not tokens:
             raise ModelFileError("the model file has no tokenizer (tokenizer.ggml.tokens)")
-        return Tokenizer.from_vocab(list(tokens), list(merges or []))
+        types = self.metadata.get("tokenizer.ggml.token_type")
+        return Tokenizer.from_vocab(
+            list(tokens), list(merges or []), list(types) if types else None
+        )
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -100,6 +103,10 @@ class Engine:
 
     def new_session(self, ctx: int | None = None) -> Session:
         return Session(self, ctx or min(self.shape.context_length, 32768))
+
+    def new_state(self, ctx: int) -> KVState:
+        # quant_sim rows are exactly FP8/FP4 values: store them compactly, losslessly
+        return KVState(self.shape, ctx, self.device, compact=self.options.quant_sim)
 
     def check_tokens(self, ids: Sequence[int]) -> Tensor:
         t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
@@ -111,7 +118,7 @@ class Engine:
     def score(self, token_ids: Sequence[int]) -> Tensor:
         """Logits [n, vocab] at every position of one fresh prefill."""
         ids = self.check_tokens(token_ids)
-        state = KVState(self.shape, ids.numel() + 1, self.device)
+        state = self.new_state(ids.numel() + 1)
         chunk = self.options.prefill_chunk
         out = [
             self.model.forward(ids[i : i + chunk], state, all_logits=True)
@@ -134,7 +141,7 @@ class Session:
         if ctx < 2:
             raise ValueError("ctx must be at least 2")
         self.engine, self.ctx = engine, ctx
-        self.state = KVState(engine.shape, ctx, engine.device)
+        self.state = engine.new_state(ctx)
         self.tokens: list[int] = []
         self.logits: Tensor | None = None
         self._checkpoints: list[Checkpoint] = []
@@ -188,7 +195,7 @@ class Session:
             self.state.restore_checkpoint(cp.state, cp.n)
             self.tokens, self.logits = tail[: cp.n], cp.logits
         else:
-            self.state = KVState(self.engine.shape, self.ctx, self.engine.device)
+            self.state = self.engine.new_state(self.ctx)
             self.tokens, self.logits = [], None
         self._extend(tail[self.pos :], None)
 

@@ -10,6 +10,7 @@ session payload header (`engine.py`) or files (`kv/store.py`).
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -56,15 +57,114 @@ class CompressorState:
         return CompressorState(self.ratio, *(t.clone() for t in self.tensors()))
 
 
+# ---- Row stores: how compressed rows are kept ----
+
+
+class FloatRows:
+    """Rows kept as float32 (quant_sim off: the cache is exactly what the model computed)."""
+
+    def __init__(self, cap: int, width: int, device):
+        self.width = width
+        self.parts = [torch.zeros(cap, width, device=device)]
+
+    def put(self, at: int, rows: Tensor) -> None:
+        self.parts[0][at : at + rows.shape[0]] = rows
+
+    def get(self, n: int) -> Tensor:
+        return self.parts[0][:n]
+
+    @property
+    def cap(self) -> int:
+        return self.parts[0].shape[0]
+
+    def grow(self, cap: int) -> None:
+        self.parts = [
+            torch.cat((p, p.new_zeros(cap - p.shape[0], *p.shape[1:]))) for p in self.parts
+        ]
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(p[0].numel() * p.element_size() for p in self.parts)
+
+
+class FP8Rows(FloatRows):
+    """K=V rows after the FP8 round trip, stored as what they are: E4M3 bytes and a power-of-two
+    exponent per 64 no-RoPE dims, plus the RoPE dims in F16. Lossless for quant_sim rows."""
+
+    def __init__(self, cap: int, width: int, n_rot: int, device):
+        self.width, self.n_nope = width, width - n_rot
+        self.parts = [
+            torch.zeros(cap, self.n_nope, dtype=torch.uint8, device=device),
+            torch.zeros(cap, self.n_nope // 64, dtype=torch.int8, device=device),
+            torch.zeros(cap, n_rot, dtype=torch.float16, device=device),
+        ]
+
+    def put(self, at: int, rows: Tensor) -> None:
+        n = rows.shape[0]
+        nope = rows[:, : self.n_nope].unflatten(-1, (-1, 64))
+        e = _pow2_exp(nope.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448)
+        q = torch.ldexp(nope, -e).to(torch.float8_e4m3fn)
+        self.parts[0][at : at + n] = q.flatten(1).view(torch.uint8)
+        self.parts[1][at : at + n] = e.squeeze(-1).to(torch.int8)
+        self.parts[2][at : at + n] = rows[:, self.n_nope :].half()
+
+    def get(self, n: int) -> Tensor:
+        q = self.parts[0][:n].view(torch.float8_e4m3fn).float().unflatten(-1, (-1, 64))
+        nope = torch.ldexp(q, self.parts[1][:n].int()[..., None]).flatten(1)
+        return torch.cat((nope, self.parts[2][:n].float()), dim=1)
+
+
+class FP4Rows(FloatRows):
+    """Indexer rows after the FP4 round trip: two E2M1 codes per byte, an exponent per 32."""
+
+    def __init__(self, cap: int, width: int, device):
+        self.width = width
+        self.parts = [
+            torch.zeros(cap, width // 2, dtype=torch.uint8, device=device),
+            torch.zeros(cap, width // 32, dtype=torch.int8, device=device),
+        ]
+
+    def put(self, at: int, rows: Tensor) -> None:
+        n = rows.shape[0]
+        blk = rows.unflatten(-1, (-1, 32))
+        e = _pow2_exp(blk.abs().amax(-1, keepdim=True).clamp_min(6 * 2.0**-126) / 6)
+        v = torch.ldexp(blk, -e).flatten(1)
+        grid = torch.tensor(E2M1, device=rows.device)
+        code = (v.abs()[..., None] == grid).int().argmax(-1) | ((v < 0).int() << 3)
+        self.parts[0][at : at + n] = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
+        self.parts[1][at : at + n] = e.squeeze(-1).to(torch.int8)
+
+    def get(self, n: int) -> Tensor:
+        b = self.parts[0][:n].int()
+        code = torch.stack((b & 15, b >> 4), dim=-1).flatten(1)
+        grid = torch.tensor(E2M1, device=b.device)
+        v = grid[code & 7] * (1 - 2 * (code >> 3)).float()
+        return torch.ldexp(v.unflatten(-1, (-1, 32)), self.parts[1][:n].int()[..., None]).flatten(1)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _pow2_exp(v: Tensor) -> Tensor:
+    """ceil(log2(v)) for v > 0, exactly (the scale exponent of the FP8/FP4 round trips)."""
+    m, e = torch.frexp(v)
+    return torch.where(m == 0.5, e - 1, e)
+
+
 class LayerState:
-    def __init__(self, shape: Shape, layer: int, ctx: int, device):
+    def __init__(self, shape: Shape, layer: int, ctx: int, device, compact: bool):
         self.ratio = r = shape.ratio(layer)
         self.window = shape.window
         self.raw = torch.zeros(shape.window, shape.head_dim, device=device)  # ring: pos % window
         self.n_comp = 0
         cap = ctx // r + 1 if r else 0
-        self.comp = torch.zeros(cap, shape.head_dim, device=device)
-        self.index = torch.zeros(cap if r == 4 else 0, shape.indexer_head_dim, device=device)
+        hd, ihd = shape.head_dim, shape.indexer_head_dim
+        icap = cap if r == 4 else 0
+        if compact:
+            self.comp = FP8Rows(cap, hd, shape.n_rot, device)
+            self.index = FP4Rows(icap, ihd, device)
+        else:
+            self.comp, self.index = FloatRows(cap, hd, device), FloatRows(icap, ihd, device)
         coff = 2 if r == 4 else 1
         self.attn_frontier = CompressorState.empty(r, coff * shape.head_dim, device) if r else None
         self.index_frontier = (
@@ -88,24 +188,37 @@ class LayerState:
     # ---- compressed rows ----
     def append_comp(self, rows: Tensor) -> None:
         n = rows.shape[0]
-        if self.n_comp + n > self.comp.shape[0]:
+        if self.n_comp + n > self.comp.cap:
             raise ValueError("context exceeded: compressed cache is full")
-        self.comp[self.n_comp : self.n_comp + n] = rows
+        self.comp.put(self.n_comp, rows)
         self.n_comp += n
 
     def append_index(self, rows: Tensor) -> None:
         # called right after append_comp for the same windows: rows land at the same indices
-        n = rows.shape[0]
-        self.index[self.n_comp - n : self.n_comp] = rows
+        self.index.put(self.n_comp - rows.shape[0], rows)
+
+    def comp_rows(self) -> Tensor:
+        return self.comp.get(self.n_comp)
+
+    def index_rows(self) -> Tensor:
+        return self.index.get(self.n_comp)
 
 
 class KVState:
     """All layers of one timeline plus the number of tokens in it."""
 
-    def __init__(self, shape: Shape, ctx: int, device):
-        self.shape, self.ctx = shape, ctx
+    def __init__(self, shape: Shape, ctx: int, device, compact: bool = True):
+        self.shape, self.ctx, self.compact = shape, ctx, compact
         self.pos = 0
-        self.layers = [LayerState(shape, i, ctx, device) for i in range(shape.n_layer)]
+        self.layers = [LayerState(shape, i, ctx, device, compact) for i in range(shape.n_layer)]
+
+    def growing_bytes_per_token(self) -> float:
+        """Bytes the cache grows by per token of context (compressed + indexer rows)."""
+        return sum(
+            (L.comp.row_bytes + (L.index.row_bytes if L.ratio == 4 else 0)) / L.ratio
+            for L in self.layers
+            if L.ratio
+        )
 
     # ---- checkpoints: the fixed-size parts, for rewinds ----
     def checkpoint(self) -> list[tuple]:
@@ -131,22 +244,25 @@ class KVState:
         """Enlarge the compressed caches to hold `ctx` tokens (after a restore)."""
         self.ctx = ctx
         for L in self.layers:
-            if L.ratio and L.comp.shape[0] < ctx // L.ratio + 1:
-                extra = ctx // L.ratio + 1 - L.comp.shape[0]
-                L.comp = torch.cat((L.comp, L.comp.new_zeros(extra, L.comp.shape[1])))
+            if L.ratio and L.comp.cap < ctx // L.ratio + 1:
+                L.comp.grow(ctx // L.ratio + 1)
                 if L.ratio == 4:
-                    L.index = torch.cat((L.index, L.index.new_zeros(extra, L.index.shape[1])))
+                    L.index.grow(ctx // L.ratio + 1)
 
     # ---- bytes (the session payload) ----
     def to_bytes(self, fingerprint: bytes, tokens: list[int], logits: Tensor | None) -> bytes:
-        """Little-endian payload: header, tokens, logits, per-layer tensors, SHA-256 trailer."""
+        """Little-endian payload: header, tokens, logits, per-layer tensors, SHA-256 trailer.
+
+        Header: magic, u32 version, 32-byte model fingerprint, u64 ctx, u64 n_tokens,
+        u32 n_logits, u32 n_layer, u32 compact; then u32 (ratio, n_raw, n_comp) per layer.
+        Body per layer: raw rows oldest first (f32); compressed rows (compact: E4M3 bytes,
+        i8 exponents, f16 RoPE dims; else f32) and indexer rows (compact: packed E2M1, i8
+        exponents); each compressor's open-window rows and, ratio 4, its last closed window.
+        """
         n, s = self.pos, self.shape
-        head = [
-            MAGIC,
-            struct.pack("<I", VERSION),
-            fingerprint,
-            struct.pack("<QQII", self.ctx, n, 0 if logits is None else logits.numel(), s.n_layer),
-        ]
+        n_logits = 0 if logits is None else logits.numel()
+        head = [MAGIC, struct.pack("<I", VERSION), fingerprint,
+                struct.pack("<QQIII", self.ctx, n, n_logits, s.n_layer, int(self.compact))]  # fmt: skip
         body = []
         for L in self.layers:
             n_raw = min(n, L.window)
@@ -154,9 +270,9 @@ class KVState:
             order = torch.arange(n - n_raw, n) % L.window
             body.append(L.raw[order.to(L.raw.device)])
             if L.ratio:
-                body.append(L.comp[: L.n_comp])
+                body += [p[: L.n_comp] for p in L.comp.parts]
                 if L.ratio == 4:
-                    body.append(L.index[: L.n_comp])
+                    body += [p[: L.n_comp] for p in L.index.parts]
                 for fr in (L.attn_frontier, L.index_frontier):
                     if fr is not None:
                         body += [fr.cur_kv[: n % L.ratio], fr.cur_score[: n % L.ratio]]
@@ -164,15 +280,15 @@ class KVState:
                             body += [fr.prev_kv, fr.prev_score]
         parts = head + [np.asarray(tokens, dtype="<i4").tobytes()]
         if logits is not None:
-            parts.append(_f32(logits))
-        parts += [_f32(t) for t in body]
+            parts.append(_raw(logits.float()))
+        parts += [_raw(t) for t in body]
         blob = b"".join(parts)
         return blob + hashlib.sha256(blob).digest()
 
     @classmethod
     def from_bytes(cls, payload: bytes, fingerprint: bytes, shape: Shape, device):
         """Inverse of to_bytes; refuses another model, another version or damaged bytes."""
-        if len(payload) < 8 + 4 + 32 + 24 + 32 or payload[:8] != MAGIC:
+        if len(payload) < 8 + 4 + 32 + 28 + 32 or payload[:8] != MAGIC:
             raise SnapshotError("not a ds4py session payload")
         blob, digest = payload[:-32], payload[-32:]
         if hashlib.sha256(blob).digest() != digest:
@@ -182,39 +298,37 @@ class KVState:
             raise SnapshotError(f"session payload version {version}, this build reads {VERSION}")
         if blob[12:44] != fingerprint:
             raise SnapshotError("session payload was made by a different model shape or options")
-        ctx, n, n_logits, n_layer = struct.unpack_from("<QQII", blob, 44)
+        ctx, n, n_logits, n_layer, compact = struct.unpack_from("<QQIII", blob, 44)
         if n_layer != shape.n_layer:
             raise SnapshotError(f"payload has {n_layer} layers, the model {shape.n_layer}")
-        off = 68
+        off = 72
         counts = []
         for _ in range(n_layer):
             counts.append(struct.unpack_from("<III", blob, off))
             off += 12
         reader = _Reader(blob, off, device)
         tokens = reader.array("<i4", n).tolist()
-        logits = (
-            torch.from_numpy(reader.array("<f4", n_logits).copy()).to(device) if n_logits else None
-        )
-        st = cls(shape, max(ctx, n + 1), device)
+        logits = reader.like(torch.zeros(1, n_logits), 1)[0] if n_logits else None
+        st = cls(shape, max(ctx, n + 1), device, bool(compact))
         st.pos = n
         for L, (ratio, n_raw, n_comp) in zip(st.layers, counts, strict=True):
             if ratio != L.ratio or n_raw != min(n, L.window) or (ratio and n_comp != n // ratio):
                 raise SnapshotError("session payload row counts do not match its token count")
             order = torch.arange(n - n_raw, n) % L.window
-            L.raw[order.to(L.raw.device)] = reader.rows(n_raw, L.raw.shape[1])
+            L.raw[order.to(L.raw.device)] = reader.like(L.raw, n_raw)
             if ratio:
-                L.comp[:n_comp] = reader.rows(n_comp, L.comp.shape[1])
+                stores = (L.comp, L.index) if ratio == 4 else (L.comp,)
+                for store in stores:
+                    for p in store.parts:
+                        p[:n_comp] = reader.like(p, n_comp)
                 L.n_comp = n_comp
-                if ratio == 4:
-                    L.index[:n_comp] = reader.rows(n_comp, L.index.shape[1])
                 for fr in (L.attn_frontier, L.index_frontier):
                     if fr is not None:
-                        w = fr.cur_kv.shape[1]
-                        fr.cur_kv[: n % ratio] = reader.rows(n % ratio, w)
-                        fr.cur_score[: n % ratio] = reader.rows(n % ratio, w)
+                        fr.cur_kv[: n % ratio] = reader.like(fr.cur_kv, n % ratio)
+                        fr.cur_score[: n % ratio] = reader.like(fr.cur_score, n % ratio)
                         if ratio == 4:
-                            fr.prev_kv[:] = reader.rows(ratio, w)
-                            fr.prev_score[:] = reader.rows(ratio, w)
+                            fr.prev_kv[:] = reader.like(fr.prev_kv, ratio)
+                            fr.prev_score[:] = reader.like(fr.prev_score, ratio)
         if reader.off != len(blob):
             raise SnapshotError("session payload has trailing bytes")
         return st, tokens, logits
@@ -228,8 +342,9 @@ class SnapshotError(ValueError):
     """A session payload that cannot be restored into this engine."""
 
 
-def _f32(t: Tensor) -> bytes:
-    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+def _raw(t: Tensor) -> bytes:
+    """A tensor's bytes in its own dtype (little-endian, as every supported host is)."""
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
 class _Reader:
@@ -244,5 +359,11 @@ class _Reader:
         self.off += size
         return a
 
-    def rows(self, n: int, width: int) -> Tensor:
-        return torch.from_numpy(self.array("<f4", n * width).copy()).view(n, width).to(self.device)
+    def like(self, template: Tensor, n: int) -> Tensor:
+        """n rows shaped and typed like the rows of template."""
+        shape = (n, *template.shape[1:])
+        count = n * math.prod(template.shape[1:]) * template.element_size()
+        if count == 0:
+            return template.new_zeros(shape)
+        raw = torch.from_numpy(self.array("u1", count).copy())
+        return raw.view(template.dtype).view(shape).to(self.device)

@@ -222,7 +222,7 @@ class Block:
         mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - s.window)
         if self.ratio:
             self.compress(x, int(pos[0]), st)
-            comp = st.comp[: st.n_comp]
+            comp = st.comp_rows()
             visible = (
                 torch.arange(st.n_comp, device=x.device)[None, :] < (pos[:, None] + 1) // self.ratio
             )
@@ -319,7 +319,7 @@ class Block:
         if self.quant_sim:
             qi = fp4_sim(qi)
         w = self.ops.linear(x, self.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
-        keys = st.index[: st.n_comp]
+        keys = st.index_rows()
         score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))
         score = score.masked_fill(~visible, float("-inf"))
         # stable sort: among equal scores the lower row index wins, as in ds4
