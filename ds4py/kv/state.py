@@ -261,8 +261,8 @@ class KVState:
         """
         n, s = self.pos, self.shape
         n_logits = 0 if logits is None else logits.numel()
-        head = [MAGIC, struct.pack("<I", VERSION), fingerprint,
-                struct.pack("<QQIII", self.ctx, n, n_logits, s.n_layer, int(self.compact))]  # fmt: skip
+        counts = struct.pack("<QQIII", self.ctx, n, n_logits, s.n_layer, int(self.compact))
+        head = [MAGIC, struct.pack("<I", VERSION), fingerprint, counts]
         body = []
         for L in self.layers:
             n_raw = min(n, L.window)
