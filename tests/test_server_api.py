@@ -232,8 +232,9 @@ def test_messages_stream_and_tool_round_trip(claude):
     assert use.name == "get_weather" and use.input == WEATHER_ARGS
     assert use.id.startswith("toolu_") and first.stop_reason == "tool_use"
     # Claude Code replays the thinking block and the tool_use, then sends the result.
-    messages.append({"role": "assistant",
-                     "content": [b.model_dump(exclude_none=True) for b in first.content]})
+    messages.append(
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]}
+    )
     messages.append({"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]})  # fmt: skip
     r = claude.messages.create(model="c", max_tokens=400, messages=messages,

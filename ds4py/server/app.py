@@ -33,6 +33,7 @@ from .common import (
     Failed,
     IdMaker,
     Job,
+    Progress,
     anthropic_error_body,
     openai_error_body,
 )
@@ -234,16 +235,19 @@ async def run_job(srv: Server, request: Request, job: Job, stream: bool,
 
 
 async def _sse(first, ch: Channel, fmt, keepalive: float) -> AsyncIterator[str]:
-    ev = first
+    ev, last = first, time.monotonic()
     while True:
-        if ev is None:
-            yield ": keepalive\n\n"  # long prefill: keep proxies and clients from timing out
+        if ev is None or isinstance(ev, Progress):
+            if time.monotonic() - last >= keepalive:
+                yield ": keepalive\n\n"  # long prefill: keep clients and proxies waiting
+                last = time.monotonic()
         elif isinstance(ev, Failed):
             yield fmt.error(ev.error.message)
             return
         else:
             for chunk in fmt.feed(ev):
                 yield chunk
+                last = time.monotonic()
             if isinstance(ev, Done):
                 return
         ev = await ch.get(keepalive)
