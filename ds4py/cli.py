@@ -30,6 +30,7 @@ from ds4py.chat import (
     ReasoningEnd,
     StreamParser,
     ToolCallEnd,
+    render_ids,
 )
 from ds4py.tokenizer import BOS
 
@@ -181,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p), _bench_flags(p)
     p.set_defaults(func=_dispatch("ds4py.bench", "main"))
 
-    for name, target, text in (
-        ("convert", "main", "convert or re-quantize model files"),
-        ("synth", "synth_main", "write a synthetic GGUF (random weights, real tokenizer)"),
+    for name, text in (
+        ("convert", "convert a checkpoint directory to GGUF"),
+        ("synth", "write a synthetic GGUF (random weights, real tokenizer)"),
     ):
+        # these parse their own flags: everything after the subcommand goes to ds4py.<name>.main
         p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("argv", nargs=argparse.REMAINDER, help="arguments for ds4py.convert")
-        p.set_defaults(func=_dispatch("ds4py.convert", target, pass_argv=True))
+        p.add_argument("argv", nargs=argparse.REMAINDER, help=f"arguments for ds4py.{name}")
+        p.set_defaults(func=_dispatch(f"ds4py.{name}", "main", pass_argv=True))
     return ap
 
 
@@ -318,9 +320,13 @@ def effective_mode(mode: str, ctx: int) -> str:
     return "high" if mode == "max" and ctx < THINK_MAX_MIN_CTX else mode
 
 
-def _render(tok: Any, messages: list[dict], mode: str, ctx: int) -> list[int]:
-    from ds4py.chat import render_ids
+def warn_think_max(args: argparse.Namespace) -> None:
+    if effective_mode(args.think, args.ctx) != args.think:
+        print(f"ds4py: --think-max needs --ctx >= {THINK_MAX_MIN_CTX}; using normal thinking",
+              file=sys.stderr)  # fmt: skip
 
+
+def _render(tok: Any, messages: list[dict], mode: str, ctx: int) -> list[int]:
     effort = "max" if mode == "max" else None
     return render_ids(messages, tok, thinking=mode != "none", effort=effort, ctx=ctx)
 
@@ -401,7 +407,6 @@ class Turn:
     prefill_tokens: int = 0  # tokens actually evaluated by sync (the new suffix)
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    eos: bool = False
     interrupted: bool = False
 
     def stats(self) -> str:
@@ -434,10 +439,10 @@ class Printer:
             self._text(f"\n[tool call {ev.name} {json.dumps(ev.arguments, ensure_ascii=False)}]\n")
 
     def end_reasoning(self) -> None:
-        if self.color:
-            self._mark(RESET if self.in_reasoning else "")
-            self._text("\n" if self.line_start else "\n\n")
-        else:
+        if self.in_reasoning and self.color:
+            self._mark(RESET)
+            self._text("\n" if self.line_start else "\n\n")  # one blank line after it
+        elif self.in_reasoning:
             self._mark("</think>")
         self.in_reasoning = False
 
@@ -501,7 +506,6 @@ def generate(
             break
         token = sampler.sample(logits)
         if token == tok.eos_id:
-            turn.eos = True
             break
         for ev in parser.feed(tok.token_bytes(token)):  # the parser holds split UTF-8 / tags
             on_event(ev)
@@ -574,6 +578,7 @@ def _run_turn(sess: Any, ids: list[int], tok: Any, sampler: Any, max_tokens: int
 
 def cmd_run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
+    warn_think_max(args)
     sampler = sampler_for(args)
     eng = open_engine(args)
     tok = eng.tokenizer
@@ -625,9 +630,10 @@ class Chat:
         turn_ids = user_turn_ids(self.tok, text, self.mode)
         ids = self.transcript + turn_ids
         turn = _run_turn(self.sess, ids, self.tok, self.sampler, self.args.tokens)
-        if not (turn.interrupted and not turn.tokens):
-            # an interruption before the first token drops the message (the session will
-            # rewind to the common prefix on the next sync)
+        if turn.interrupted and not turn.tokens:
+            # interrupted before the first token: drop the message, also from the session
+            self.sess.rewind(_common_prefix(self.sess.tokens, self.transcript))
+        else:
             self.turns += turn_ids + turn.tokens + [self.tok.eos_id]
         return turn
 
@@ -651,20 +657,27 @@ class Chat:
         return len(data)
 
     def load(self, path: str) -> None:
+        """Replace the chat with a saved one; on any error the current chat is unchanged."""
         data = Path(path).read_bytes()
         n = len(SNAPSHOT_MAGIC)
         if data[:n] != SNAPSHOT_MAGIC or len(data) < n + 4:
             raise CliError(f"{path}: not a ds4py chat snapshot")
         (size,) = struct.unpack_from("<I", data, n)
-        head = json.loads(data[n + 4 : n + 4 + size])
-        if head.get("version") != 1 or head.get("n_vocab") != self.tok.vocab_size:
+        try:
+            head = json.loads(data[n + 4 : n + 4 + size])
+            mode, system, ctx = str(head["mode"]), str(head["system"]), int(head["ctx"])
+            turns = [int(t) for t in head["turns"]]
+            ok = head["version"] == 1 and head["n_vocab"] == self.tok.vocab_size
+        except (ValueError, KeyError, TypeError) as e:
+            raise CliError(f"{path}: damaged chat snapshot ({e})") from None
+        if not ok or mode not in ("high", "max", "none"):
             raise CliError(f"{path}: snapshot of another format or model")
-        sess = self.engine.new_session(ctx=int(head["ctx"]))
+        sess = self.engine.new_session(ctx=ctx)
         sess.restore(data[n + 4 + size :])
-        self.mode, self.system, self.ctx = head["mode"], head["system"], int(head["ctx"])
-        self.turns, self.sess = [int(t) for t in head["turns"]], sess
-        if _common_prefix(sess.tokens, self.transcript) != len(sess.tokens):
+        transcript = header_ids(self.tok, system, mode, ctx) + turns
+        if _common_prefix(sess.tokens, transcript) != len(sess.tokens):
             raise CliError(f"{path}: session tokens do not match the saved transcript")
+        self.mode, self.system, self.ctx, self.turns, self.sess = mode, system, ctx, turns, sess
 
 
 def _command(chat: Chat, line: str) -> bool:
@@ -731,6 +744,7 @@ def _line_reader(args: argparse.Namespace) -> Callable[[], str | None]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    warn_think_max(args)
     eng = open_engine(args)
     chat = Chat(eng, args)
     read = _line_reader(args)
@@ -772,6 +786,7 @@ def cmd_logprobs(args: argparse.Namespace) -> int:
     if not 1 <= args.top_k <= vectors.MAX_DUMP_TOP_K:
         raise CliError(f"--top-k must be in 1..{vectors.MAX_DUMP_TOP_K}", code=2)
     text = read_prompt(args)
+    warn_think_max(args)
     eng = open_engine(args)
     ids = prompt_ids(eng.tokenizer, args, text)
     sess = eng.new_session(ctx=args.ctx)
