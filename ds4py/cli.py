@@ -856,32 +856,35 @@ def _vector_table(rows: list[dict], tokenize_only: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ds4py import vectors
+
     t = Table(title="official DeepSeek API vectors", title_justify="left")
-    for col in ("case", "prompt tokens (ours/API)", "official tokens in vocab", "steps",
-                "worst |Δ logprob|", "result"):  # fmt: skip
-        t.add_column(col)
+    t.add_column("case", no_wrap=True)
+    for col in ("prompt tokens", "vocab", "steps", "max |Δ|", "result"):
+        t.add_column(col, no_wrap=True)
     for r in rows:
         check, res = r["tokens"], r["result"]
         tokens = f"{check.prompt_tokens}/{check.api_prompt_tokens}"
-        vocab = "all" if not check.unknown else f"missing {', '.join(check.unknown)}"
-        if res is None:
-            steps, delta = "-", "-"
-        else:
-            steps = f"{sum(s.ok for s in res.steps)}/{len(res.steps)} ok"
-            delta = "-" if res.worst_delta is None else f"{res.worst_delta:.3f}"
-        t.add_row(r["case"].id, tokens, vocab, steps, delta,
-                  "[green]PASS[/]" if r["ok"] else "[red]FAIL[/]")  # fmt: skip
+        vocab = "ok" if not check.unknown else f"{len(check.unknown)} missing"
+        steps = "-" if res is None else f"{sum(s.ok for s in res.steps)}/{len(res.steps)}"
+        delta = "-" if res is None or res.worst_delta is None else f"{res.worst_delta:.3f}"
+        verdict = "[green]PASS[/]" if r["ok"] else "[red]FAIL[/]"
+        t.add_row(r["case"].id, tokens, vocab, steps, delta, verdict)
     console = Console()
     console.print(t)
     for r in rows:
+        for raw in r["tokens"].unknown:
+            console.print(f"  {r['case'].id}: official token {raw} is not in our vocabulary")
         for s in r["result"].steps if r["result"] else []:
             for problem in s.problems:
                 console.print(f"  {r['case'].id} step {s.step}: {problem}", markup=False)
+    notes = (
+        "prompt tokens: ours/API; vocab: every official token is one of ours; steps: steps "
+        "passing; max |Δ|: largest |ours - official| logprob of a ranked official token."
+    )
     if not tokenize_only:
-        from ds4py import vectors
-
-        console.print(
-            f"pass: per step our argmax equals the official token, and every ranked official "
-            f"alternative is in our top {vectors.COMPARE_TOP_K} within {vectors.MAX_DELTA} logprob",
-            style="dim",
+        notes += (
+            f" A step passes when our argmax is the official token and every ranked official "
+            f"token is in our top {vectors.COMPARE_TOP_K} within {vectors.MAX_DELTA:g}."
         )
+    console.print(notes, style="dim")

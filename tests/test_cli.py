@@ -285,7 +285,7 @@ def test_vectors_fail_when_one_step_differs(tok, capsys, monkeypatch):
     monkeypatch.setattr(cli, "open_engine", lambda args: OracleEngine(tok, wrong_step=2))
     rc, out, _ = run_cli(capsys, "test-vectors", "--case", "short_code_completion")
     assert rc == 1 and "FAIL" in out and "step 2: selected" in out
-    assert "3/4 ok" in out  # teacher forcing: step 3 is still scored in the official context
+    assert "│ 3/4 " in out  # teacher forcing: step 3 is still scored in the official context
 
 
 def test_vectors_tokenize_only_needs_no_weights(capsys, monkeypatch):
