@@ -23,6 +23,7 @@ import torch
 from .config import EngineOptions, ModelFileError, Shape
 from .gguf import GGUFFile
 from .kv.state import KVState
+from .model.decode import Decoder
 from .model.load import bind, file_tensors
 from .model.model import Transformer
 from .quant.ops import Ops
@@ -145,6 +146,7 @@ class Session:
         self.tokens: list[int] = []
         self.logits: Tensor | None = None
         self._checkpoints: list[Checkpoint] = []
+        self._decoder: Decoder | None = None
 
     @property
     def pos(self) -> int:
@@ -175,10 +177,16 @@ class Session:
 
     @torch.inference_mode()
     def eval(self, token_id: int) -> Tensor:
-        """Decode one token."""
+        """Decode one token (static-shape step; a replayed CUDA graph on the GPU)."""
         if self.pos + 1 >= self.ctx:
             raise ContextError(f"context of {self.ctx} tokens is full")
-        self._extend([int(token_id)], None)
+        self.engine.check_tokens([token_id])
+        if self._decoder is None or self._decoder.state is not self.state:
+            self._decoder = Decoder(self.engine.model, self.state)
+        self.logits = self._decoder.step(int(token_id), self.pos).clone()
+        self.tokens.append(int(token_id))
+        if self.pos % self.engine.options.prefill_chunk == 0:
+            self._checkpoint()
         return self.logits
 
     @torch.inference_mode()

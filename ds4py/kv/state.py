@@ -9,6 +9,7 @@ session payload header (`engine.py`) or files (`kv/store.py`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -41,12 +42,10 @@ class CompressorState:
     def advance(self, A: Tensor, B: Tensor, n_full: int) -> None:
         """A, B: projections of the tokens from the open window's start; n_full windows closed."""
         r = self.ratio
-        if n_full:
-            self.prev_kv = A[(n_full - 1) * r : n_full * r].clone()
-            self.prev_score = B[(n_full - 1) * r : n_full * r].clone()
+        if n_full:  # in place: a captured decode graph holds these tensors
+            self.prev_kv.copy_(A[(n_full - 1) * r : n_full * r])
+            self.prev_score.copy_(B[(n_full - 1) * r : n_full * r])
         rest = A.shape[0] - n_full * r
-        self.cur_kv = self.cur_kv.clone()
-        self.cur_score = self.cur_score.clone()
         self.cur_kv[:rest] = A[n_full * r :]
         self.cur_score[:rest] = B[n_full * r :]
 
@@ -55,6 +54,10 @@ class CompressorState:
 
     def copy(self) -> CompressorState:
         return CompressorState(self.ratio, *(t.clone() for t in self.tensors()))
+
+    def load(self, other: CompressorState) -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            mine.copy_(theirs)
 
 
 # ---- Row stores: how compressed rows are kept ----
@@ -67,11 +70,25 @@ class FloatRows:
         self.width = width
         self.parts = [torch.zeros(cap, width, device=device)]
 
+    def encode(self, rows: Tensor) -> list[Tensor]:
+        return [rows]
+
+    def decode(self, parts: list[Tensor]) -> Tensor:
+        return parts[0]
+
     def put(self, at: int, rows: Tensor) -> None:
-        self.parts[0][at : at + rows.shape[0]] = rows
+        self.write(torch.arange(at, at + rows.shape[0], device=rows.device), rows)
+
+    def write(self, idx: Tensor, rows: Tensor) -> None:
+        """Store rows at row indices idx (a device tensor, so it works inside a CUDA graph)."""
+        for part, value in zip(self.parts, self.encode(rows), strict=True):
+            part.index_copy_(0, idx, value)
 
     def get(self, n: int) -> Tensor:
-        return self.parts[0][:n]
+        return self.decode([p[:n] for p in self.parts])
+
+    def gather(self, idx: Tensor) -> Tensor:
+        return self.decode([p[idx] for p in self.parts])
 
     @property
     def cap(self) -> int:
@@ -99,19 +116,16 @@ class FP8Rows(FloatRows):
             torch.zeros(cap, n_rot, dtype=torch.float16, device=device),
         ]
 
-    def put(self, at: int, rows: Tensor) -> None:
-        n = rows.shape[0]
+    def encode(self, rows: Tensor) -> list[Tensor]:
         nope = rows[:, : self.n_nope].unflatten(-1, (-1, 64))
         e = _pow2_exp(nope.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448)
-        q = torch.ldexp(nope, -e).to(torch.float8_e4m3fn)
-        self.parts[0][at : at + n] = q.flatten(1).view(torch.uint8)
-        self.parts[1][at : at + n] = e.squeeze(-1).to(torch.int8)
-        self.parts[2][at : at + n] = rows[:, self.n_nope :].half()
+        q = torch.ldexp(nope, -e).to(torch.float8_e4m3fn).flatten(1).view(torch.uint8)
+        return [q, e.squeeze(-1).to(torch.int8), rows[:, self.n_nope :].half()]
 
-    def get(self, n: int) -> Tensor:
-        q = self.parts[0][:n].view(torch.float8_e4m3fn).float().unflatten(-1, (-1, 64))
-        nope = torch.ldexp(q, self.parts[1][:n].int()[..., None]).flatten(1)
-        return torch.cat((nope, self.parts[2][:n].float()), dim=1)
+    def decode(self, parts: list[Tensor]) -> Tensor:
+        q = parts[0].view(torch.float8_e4m3fn).float().unflatten(-1, (-1, 64))
+        nope = torch.ldexp(q, parts[1].int()[..., None]).flatten(1)
+        return torch.cat((nope, parts[2].float()), dim=1)
 
 
 class FP4Rows(FloatRows):
@@ -124,25 +138,27 @@ class FP4Rows(FloatRows):
             torch.zeros(cap, width // 32, dtype=torch.int8, device=device),
         ]
 
-    def put(self, at: int, rows: Tensor) -> None:
-        n = rows.shape[0]
+    def encode(self, rows: Tensor) -> list[Tensor]:
         blk = rows.unflatten(-1, (-1, 32))
         e = _pow2_exp(blk.abs().amax(-1, keepdim=True).clamp_min(6 * 2.0**-126) / 6)
         v = torch.ldexp(blk, -e).flatten(1)
-        grid = torch.tensor(E2M1, device=rows.device)
-        code = (v.abs()[..., None] == grid).int().argmax(-1) | ((v < 0).int() << 3)
-        self.parts[0][at : at + n] = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
-        self.parts[1][at : at + n] = e.squeeze(-1).to(torch.int8)
+        code = (v.abs()[..., None] == e2m1_grid(rows.device)).int().argmax(-1)
+        code = code | ((v < 0).int() << 3)
+        return [
+            (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8),
+            e.squeeze(-1).to(torch.int8),
+        ]
 
-    def get(self, n: int) -> Tensor:
-        b = self.parts[0][:n].int()
+    def decode(self, parts: list[Tensor]) -> Tensor:
+        b = parts[0].int()
         code = torch.stack((b & 15, b >> 4), dim=-1).flatten(1)
-        grid = torch.tensor(E2M1, device=b.device)
-        v = grid[code & 7] * (1 - 2 * (code >> 3)).float()
-        return torch.ldexp(v.unflatten(-1, (-1, 32)), self.parts[1][:n].int()[..., None]).flatten(1)
+        v = e2m1_grid(b.device)[code & 7] * (1 - 2 * (code >> 3)).float()
+        return torch.ldexp(v.unflatten(-1, (-1, 32)), parts[1].int()[..., None]).flatten(1)
 
 
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+@functools.cache
+def e2m1_grid(device: torch.device) -> Tensor:
+    return torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), device=device)
 
 
 def _pow2_exp(v: Tensor) -> Tensor:
@@ -234,9 +250,11 @@ class KVState:
     def restore_checkpoint(self, cp: list[tuple], n: int) -> None:
         """Back to n tokens: compressed rows are append-only, so truncating their count is exact."""
         for L, (raw, af, xf) in zip(self.layers, cp, strict=True):
-            L.raw = raw.clone()
-            L.attn_frontier = af and af.copy()
-            L.index_frontier = xf and xf.copy()
+            L.raw.copy_(raw)  # in place: a captured decode graph holds these tensors
+            if af is not None:
+                L.attn_frontier.load(af)
+            if xf is not None:
+                L.index_frontier.load(xf)
             L.n_comp = n // L.ratio if L.ratio else 0
         self.pos = n
 

@@ -10,13 +10,14 @@ the cache tensors, `engine.py` drives chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Shape
-from ..kv.state import CompressorState, KVState, LayerState
+from ..kv.state import CompressorState, KVState, LayerState, e2m1_grid
 from ..quant.formats import QTensor
 from ..quant.ops import Ops
 
@@ -80,25 +81,24 @@ def fp8_sim(x: Tensor, n_nope: int) -> Tensor:
     return torch.cat((q.flatten(-2), x[..., n_nope:]), dim=-1)
 
 
+@functools.cache
+def hadamard_matrix(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """H[i, j] = (-1)^popcount(i & j) / sqrt(n); a constant, built once per device and dtype."""
+    idx = torch.arange(n)
+    parity = torch.zeros(n, n, dtype=torch.long)
+    for bit in range(max(n - 1, 1).bit_length()):
+        parity ^= ((idx[:, None] & idx[None, :]) >> bit) & 1
+    return ((1 - 2 * parity).to(torch.float64) / math.sqrt(n)).to(device=device, dtype=dtype)
+
+
 def hadamard(x: Tensor) -> Tensor:
     """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim."""
-    n = x.shape[-1]
-    idx = torch.arange(n, device=x.device)
-    bits = torch.bitwise_and(idx[:, None], idx[None, :])
-    parity = torch.zeros_like(bits)
-    while bool(bits.any()):
-        parity ^= bits & 1
-        bits = bits >> 1
-    h = (1 - 2 * parity).to(x.dtype)
-    return (x @ h) / math.sqrt(n)
-
-
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    return x @ hadamard_matrix(x.shape[-1], x.device, x.dtype)
 
 
 def e2m1_round(v: Tensor) -> Tensor:
     """Nearest E2M1 value of v in [-6, 6], ties to the even code."""
-    grid = torch.tensor(E2M1, device=v.device)
+    grid = e2m1_grid(v.device)
     bounds = (grid[1:] + grid[:-1]) / 2
     m = v.abs()
     code = torch.searchsorted(bounds, m.contiguous())
@@ -189,11 +189,10 @@ class Block:
     def hc_pre(self, X: Tensor, fn: QTensor, scale: Tensor, base: Tensor):
         hc, eps = self.shape.hc_mult, self.shape.hc_eps
         z = rms_norm(X.flatten(1), None, self.shape.norm_eps)  # [T, hc*D]
-        v = (
-            self.ops.linear(z, fn)
-            * torch.repeat_interleave(scale, torch.tensor([hc, hc, hc * hc], device=scale.device))
-            + base
+        scales = torch.cat(
+            (scale[0:1].expand(hc), scale[1:2].expand(hc), scale[2:3].expand(hc * hc))
         )
+        v = self.ops.linear(z, fn) * scales + base
         pre = torch.sigmoid(v[:, :hc]) + eps
         post = 2 * torch.sigmoid(v[:, hc : 2 * hc])
         comb = torch.softmax(v[:, 2 * hc :].unflatten(-1, (hc, hc)), dim=-1) + eps

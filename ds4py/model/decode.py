@@ -1,0 +1,158 @@
+"""One-token decode with static shapes, so the whole step can be captured in a CUDA graph.
+
+The same function as `Transformer.forward` on one token (tests hold the two equal), written so no
+value leaves the device: the position is a tensor, every cache write is an `index_copy_` at a
+computed row, attention runs over the whole raw ring and the whole compressed capacity with
+masks, and the compressor pools its open window every step (a row only becomes visible, by the
+count rule, once its window has closed; until then it is rewritten). Weights and helpers are the
+model's; this file owns only the cache-side shape discipline and the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kv.state import CompressorState, KVState, LayerState
+from .model import Block, Transformer, attend, fp4_sim, rms_norm, rope
+
+Tensor = torch.Tensor
+
+
+def block_step(blk: Block, X: Tensor, token: Tensor, p: Tensor, st: LayerState) -> Tensor:
+    """One block on one token: X [1, hc, D] at position p [1]."""
+    u, post, comb = blk.hc_pre(X, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base)
+    y = attention_step(blk, rms_norm(u, blk.attn_norm, blk.shape.norm_eps), p, st)
+    X = blk.hc_post(X, y, post, comb)
+    u, post, comb = blk.hc_pre(X, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base)
+    y = blk.moe(rms_norm(u, blk.ffn_norm, blk.shape.norm_eps), token)
+    return blk.hc_post(X, y, post, comb)
+
+
+def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
+    s, ops = blk.shape, blk.ops
+    qr = rms_norm(ops.linear(x, blk.attn_q_a), blk.attn_q_a_norm, s.norm_eps)
+    q = ops.linear(qr, blk.attn_q_b).view(1, s.n_head, s.head_dim)
+    q = rope(rms_norm(q, None, s.norm_eps), p, blk.freqs)
+    kv = rms_norm(ops.linear(x, blk.attn_kv), blk.attn_kv_a_norm, s.norm_eps)
+    kv = blk.cache_row(rope(kv, p, blk.freqs))
+    W = s.window
+    st.raw.index_copy_(0, p % W, kv)
+    slot = torch.arange(W, device=x.device)
+    keys, mask = st.raw, (p - (p - slot) % W) >= 0  # ring slot j holds position p - (p-j) mod W
+    if blk.ratio:
+        compress_step(blk, x, p, st)
+        cap = st.comp.cap
+        visible = torch.arange(cap, device=x.device) < (p + 1) // blk.ratio
+        if blk.ratio == 4:
+            rows, chosen = indexer_step(blk, x, qr, p, st, visible)
+            comp, visible = st.comp.gather(rows), visible[rows] & chosen
+        else:
+            comp = st.comp.get(cap)
+        keys, mask = torch.cat((keys, comp)), torch.cat((mask, visible))
+    o = attend(q, keys, mask[None], blk.attn_sinks)
+    o = rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
+    low = torch.cat([ops.linear(o[:, g], blk.attn_output_a[g]) for g in range(s.o_groups)], 1)
+    return ops.linear(low, blk.attn_output_b)
+
+
+def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
+    """Feed the token to the compressors; (re)write row p // ratio from the open window."""
+    s, r = blk.shape, blk.ratio
+    k = p // r
+    row = pool_step(blk, x, p, st.attn_frontier, blk.attn_compressor_kv,
+                    blk.attn_compressor_gate, blk.attn_compressor_ape)  # fmt: skip
+    row = rms_norm(row, blk.attn_compressor_norm, s.norm_eps)
+    st.comp.write(k, blk.cache_row(rope(row, k * r, blk.freqs)))
+    if r == 4:
+        row = pool_step(blk, x, p, st.index_frontier, blk.indexer_compressor_kv,
+                        blk.indexer_compressor_gate, blk.indexer_compressor_ape)  # fmt: skip
+        row = rope(rms_norm(row, blk.indexer_compressor_norm, s.norm_eps), k * r, blk.freqs)
+        st.index.write(k, fp4_sim(row) if blk.quant_sim else row)
+
+
+def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate, ape) -> Tensor:
+    r = blk.ratio
+    slot = p % r
+    fr.cur_kv.index_copy_(0, slot, blk.ops.linear(x, wkv))
+    fr.cur_score.index_copy_(0, slot, blk.ops.linear(x, wgate) + ape[slot])
+    if r == 4:
+        w = fr.cur_kv.shape[1] // 2
+        cand_a = torch.cat((fr.prev_kv[:, :w], fr.cur_kv[:, w:]))
+        cand_b = torch.cat((fr.prev_score[:, :w], fr.cur_score[:, w:]))
+        # the window closes with this token: it becomes the previous window of the next row
+        closed = ((p + 1) % r == 0).view(1, 1)
+        fr.prev_kv.copy_(torch.where(closed, fr.cur_kv, fr.prev_kv))
+        fr.prev_score.copy_(torch.where(closed, fr.cur_score, fr.prev_score))
+    else:
+        cand_a, cand_b = fr.cur_kv, fr.cur_score
+    # slots past the token's offset still hold the last window: garbage, but never visible
+    return (torch.softmax(cand_b, dim=0) * cand_a).sum(0, keepdim=True)
+
+
+def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, visible: Tensor):
+    """(rows [k], chosen [k]): the top-k visible compressed rows by indexer score."""
+    s = blk.shape
+    qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(1, s.n_indexer_head, s.indexer_head_dim)
+    qi = rope(qi, p, blk.freqs)
+    if blk.quant_sim:
+        qi = fp4_sim(qi)
+    w = blk.ops.linear(x, blk.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
+    keys = st.index.get(st.index.cap)
+    score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))[0]
+    score = score.masked_fill(~visible, float("-inf"))
+    k = min(s.indexer_top_k, score.shape[0])
+    # stable: among equal scores the lower row wins, as in the chunked path (and ds4)
+    rows = torch.sort(score, descending=True, stable=True).indices[:k]
+    return rows, torch.ones_like(rows, dtype=torch.bool)
+
+
+def decode_step(model: Transformer, state: KVState, token: Tensor, p: Tensor) -> Tensor:
+    """Logits [vocab] after token [1] at position p [1]; the state's host counters are not
+    touched (the caller advances them: nothing here may read device values)."""
+    X = model.embed(token)[:, None, :].expand(-1, model.shape.hc_mult, -1)
+    for blk, st in zip(model.blk, state.layers, strict=True):
+        X = block_step(blk, X, token, p, st)
+    return model.ops.linear(model.head(X), model.output)[0]
+
+
+class Decoder:
+    """Runs decode_step for one KV state; on CUDA, replays a captured graph of it."""
+
+    def __init__(self, model: Transformer, state: KVState):
+        self.model, self.state = model, state
+        dev = state.layers[0].raw.device
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.use_graph = dev.type == "cuda"
+        self.steps = 0
+
+    def step(self, token: int, pos: int) -> Tensor:
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.use_graph and self.steps >= 1:
+            self.capture()
+            self.graph.replay()
+        else:  # eager: on the CPU, and the first CUDA step (it warms the kernels up)
+            self.logits = decode_step(self.model, self.state, self.token, self.pos)
+        self.steps += 1
+        self._advance(pos + 1)
+        return self.logits
+
+    def capture(self) -> None:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.logits = decode_step(self.model, self.state, self.token, self.pos)
+        self.graph = g
+
+    def _advance(self, n: int) -> None:
+        for L in self.state.layers:
+            if L.ratio:
+                L.n_comp = n // L.ratio
+        self.state.pos = n
