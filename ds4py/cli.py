@@ -249,7 +249,7 @@ def missing_model_message(path: str) -> str:
     return (
         f"model file not found: {path}\n"
         f"  Download a GGUF from the Hugging Face repo {HF_REPO}, e.g.:\n{files}\n"
-        f"  huggingface-cli download {HF_REPO} {HF_FILES[0][1]} --local-dir .\n"
+        f"  hf download {HF_REPO} {HF_FILES[0][1]} --local-dir .\n"
         f"  then pass it with -m FILE (default ./{DEFAULT_MODEL}),\n"
         f"  or try the CLI without weights: add --demo (tiny random model, real tokenizer)."
     )
