@@ -288,9 +288,8 @@ def open_tokenizer(args: argparse.Namespace) -> Any:
     tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
     if not tokens:
         raise CliError(f"{args.model} has no tokenizer (tokenizer.ggml.tokens)")
-    return Tokenizer.from_vocab(
-        list(tokens), list(merges or []), md.get("tokenizer.ggml.token_type")
-    )
+    types = md.get("tokenizer.ggml.token_type")  # built as Engine.tokenizer builds it
+    return Tokenizer.from_vocab(list(tokens), list(merges or []), list(types) if types else None)
 
 
 class _status:

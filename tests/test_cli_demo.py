@@ -85,3 +85,13 @@ def test_chat_second_turn_reuses_the_session(demo, sessions, capsys, monkeypatch
         first + gen1 + [tok.eos_id] + turn2
     )
     assert f"prefill {1 + len(turn2)} tokens" in err.splitlines()[1]
+
+
+def test_tokens_from_a_gguf_reads_only_its_vocabulary(demo, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "open_engine", lambda args: pytest.fail("no weights needed"))
+    text = "<｜begin▁of▁sentence｜><｜User｜>Hello  world</think>"
+    assert cli.main(["tokens", "-m", str(demo.path), text]) == 0
+    from_gguf = capsys.readouterr().out
+    assert cli.main(["tokens", "--demo", text]) == 0
+    assert from_gguf == capsys.readouterr().out
+    assert from_gguf.splitlines()[0] == str(demo.tokenizer.encode(text)).replace("'", "")
