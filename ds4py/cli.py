@@ -373,7 +373,8 @@ def sampler_for(args: argparse.Namespace) -> Any:
 
 class Interrupt:
     """Ctrl-C during generation sets a flag that the loop checks between tokens (and the prefill
-    between chunks), so the session is never left half-updated. Main thread only."""
+    between chunks), so the session is never left half-updated. A second Ctrl-C raises
+    KeyboardInterrupt at once (a prefill chunk can take long on a CPU). Main thread only."""
 
     def __init__(self) -> None:
         self.hit = False
@@ -386,6 +387,8 @@ class Interrupt:
         return self
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
         self.hit = True
 
     def __exit__(self, *exc: object) -> None:
@@ -625,10 +628,16 @@ class Chat:
     def header(self) -> list[int]:
         return header_ids(self.tok, self.system, self.mode, self.ctx)
 
-    def send(self, text: str) -> Turn:
+    def send(self, text: str) -> Turn | None:
         turn_ids = user_turn_ids(self.tok, text, self.mode)
         ids = self.transcript + turn_ids
-        turn = _run_turn(self.sess, ids, self.tok, self.sampler, self.args.tokens)
+        try:
+            turn = _run_turn(self.sess, ids, self.tok, self.sampler, self.args.tokens)
+        except KeyboardInterrupt:
+            # a second Ctrl-C may have stopped the engine mid-step: start a clean session
+            self.sess = self.engine.new_session(ctx=self.ctx)
+            print("\nds4py: aborted; the next turn re-prefills the chat", file=sys.stderr)
+            return None
         if turn.interrupted and not turn.tokens:
             # interrupted before the first token: drop the message, also from the session
             self.sess.rewind(_common_prefix(self.sess.tokens, self.transcript))

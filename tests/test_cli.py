@@ -204,6 +204,18 @@ def test_chat_ctrl_c_during_prefill_drops_the_message(engine, tok, capsys, monke
     assert "many words" not in tok.decode(engine.sessions[-1].tokens)
 
 
+def test_chat_second_ctrl_c_aborts_the_prefill_with_a_fresh_session(
+    engine, tok, capsys, monkeypatch
+):
+    engine.sigint_at_chunk, engine.sigints = 1, 2
+    rc, out, err = chat(capsys, monkeypatch, ["many words " * 100, "hello"])
+    assert rc == 0 and "aborted" in err
+    assert out == answer(1) + "\n"
+    aborted, fresh = engine.sessions
+    assert len(aborted.syncs) == 1 and fresh.syncs[0][0] == 0
+    assert "many words" not in tok.decode(fresh.tokens)
+
+
 # ---- tokens / logprobs ------------------------------------------------------------------------
 
 

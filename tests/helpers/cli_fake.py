@@ -61,7 +61,8 @@ class ScriptSession:
         for i in range(0, len(new), CHUNK):
             self.tokens += new[i : i + CHUNK]
             if self.engine.sigint_at_chunk == i // CHUNK:
-                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(self.engine.sigints):
+                    os.kill(os.getpid(), signal.SIGINT)
             if report:
                 progress(min(i + CHUNK, len(new)), len(new))
         self.logits = self._next()
@@ -104,6 +105,7 @@ class ScriptEngine:
         self.sessions: list[ScriptSession] = []
         self.sigint_at_eval: int | None = None
         self.sigint_at_chunk: int | None = None
+        self.sigints = 1  # how many SIGINTs to send at that chunk
 
     def next_logits(self, tokens: list[int]) -> torch.Tensor:
         """The scripted reply's next token wins by a wide margin; "zz" is a distant second (logit 16)."""
