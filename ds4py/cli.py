@@ -188,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         # these parse their own flags: everything after the subcommand goes to ds4py.<name>.main
         p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("argv", nargs=argparse.REMAINDER, help=f"arguments for ds4py.{name}")
-        p.set_defaults(func=_dispatch(f"ds4py.{name}", "main", pass_argv=True))
+        p.set_defaults(func=_dispatch(f"ds4py.{name}", "main", pass_argv=True), passthrough=True)
     return ap
 
 
@@ -227,7 +226,12 @@ def _dispatch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.argv = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except CliError as e:

@@ -306,3 +306,42 @@ def test_vectors_tokenize_only_needs_no_weights(capsys, monkeypatch):
     assert rc == 0 and out.count("PASS") == 5
     for case in vectors.load_cases():
         assert f"{case.api_prompt_tokens}/{case.api_prompt_tokens}" in out
+
+
+# ---- dispatch to other modules ----------------------------------------------------------------
+
+
+def test_serve_gets_the_server_flags(monkeypatch):
+    from ds4py.server import app
+    from ds4py.server.options import ServerOptions
+
+    got = []
+    monkeypatch.setattr(app, "serve", lambda args: got.append(args) or 0)
+    assert cli.main(["serve", "--demo", "--port", "8123", "--ctx", "4096"]) == 0
+    opts = ServerOptions.from_namespace(got[0])
+    assert (opts.demo, opts.port, opts.ctx) == (True, 8123, 4096)
+
+
+def test_convert_and_synth_get_their_argv(monkeypatch):
+    import types
+
+    got = {}
+    for name in ("convert", "synth"):
+        mod = types.ModuleType(f"ds4py.{name}")
+        mod.main = lambda argv, name=name: got.setdefault(name, argv) and 3
+        monkeypatch.setitem(sys.modules, f"ds4py.{name}", mod)
+    assert cli.main(["convert", "src", "out.gguf", "--type", "q8_0"]) == 3
+    assert cli.main(["synth", "--help"]) == 3
+    assert got == {"convert": ["src", "out.gguf", "--type", "q8_0"], "synth": ["--help"]}
+
+
+def test_bench_gets_ds4_bench_flags(monkeypatch, capsys):
+    import types
+
+    mod = types.ModuleType("ds4py.bench")
+    mod.main = lambda args: 0 if args.prompt_file == "p.txt" and args.ctx_max == 4096 else 5
+    monkeypatch.setitem(sys.modules, "ds4py.bench", mod)
+    assert cli.main(["bench", "--demo", "--prompt-file", "p.txt", "--ctx-max", "4096"]) == 0
+    monkeypatch.setitem(sys.modules, "ds4py.bench", None)  # a build without the module
+    assert cli.main(["bench", "--prompt-file", "p.txt"]) == 1
+    assert "ds4py.bench.main is not available" in capsys.readouterr().err
