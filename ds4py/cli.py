@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ds4py import vectors
 from ds4py.chat import (
     THINK_MAX_MIN_CTX,
     ContentDelta,
@@ -793,8 +794,6 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_logprobs(args: argparse.Namespace) -> int:
-    from ds4py import vectors
-
     if not 1 <= args.top_k <= vectors.MAX_DUMP_TOP_K:
         raise CliError(f"--top-k must be in 1..{vectors.MAX_DUMP_TOP_K}", code=2)
     text = read_prompt(args)
@@ -818,8 +817,6 @@ def cmd_logprobs(args: argparse.Namespace) -> int:
 
 
 def cmd_test_vectors(args: argparse.Namespace) -> int:
-    from ds4py import vectors
-
     cases = vectors.load_cases(args.case)
     if not (args.all or args.case):
         skipped = [c for c in cases if c.skipped]
@@ -838,8 +835,6 @@ def cmd_test_vectors(args: argparse.Namespace) -> int:
 
 
 def _vector_case(case: Any, tok: Any, eng: Any, by_bytes: dict, args: argparse.Namespace) -> dict:
-    from ds4py import vectors
-
     ids = vectors.vector_prompt_ids(tok, case.prompt)
     check = vectors.check_tokenization(case, ids, by_bytes)
     row: dict[str, Any] = {"case": case, "tokens": check, "result": None, "ok": check.ok}
@@ -868,8 +863,6 @@ def _vector_table(rows: list[dict], tokenize_only: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ds4py import vectors
-
     t = Table(title="official DeepSeek API vectors", title_justify="left")
     t.add_column("case", no_wrap=True)
     for col in ("prompt tokens", "vocab", "steps", "max |Δ|", "result"):
@@ -886,7 +879,8 @@ def _vector_table(rows: list[dict], tokenize_only: bool) -> None:
     console.print(t)
     for r in rows:
         for raw in r["tokens"].unknown:
-            console.print(f"  {r['case'].id}: official token {raw} is not in our vocabulary")
+            line = f"  {r['case'].id}: official token {raw} is not in our vocabulary"
+            console.print(line, markup=False)
         for s in r["result"].steps if r["result"] else []:
             for problem in s.problems:
                 console.print(f"  {r['case'].id} step {s.step}: {problem}", markup=False)
