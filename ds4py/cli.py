@@ -194,18 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench_flags(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt-file", help="plain text, tokenized without a template")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt-file", help="plain text, tokenized without a template "
+                     "(default: a bundled text)")  # fmt: skip
     src.add_argument("--chat-prompt-file", help="rendered as one non-thinking chat turn")
-    p.add_argument("-sys", "--system", default="You are a helpful assistant.")
-    p.add_argument("--ctx-start", type=int, default=2048)
-    p.add_argument("--ctx-max", type=int, default=32768)
+    p.add_argument(
+        "-sys",
+        "--system",
+        default="You are a helpful assistant.",
+        help="system prompt of --chat-prompt-file (%(default)s)",
+    )
+    p.add_argument("--ctx-start", type=int, default=2048, help="first frontier (%(default)s)")
+    p.add_argument("--ctx-max", type=int, default=32768, help="last frontier (%(default)s)")
     step = p.add_mutually_exclusive_group()
-    step.add_argument("--step-incr", type=int, default=2048)
-    step.add_argument("--step-mul", type=float, default=None)
+    step.add_argument("--step-incr", type=int, default=2048, help="frontier step (%(default)s)")
+    step.add_argument("--step-mul", type=float, default=None, help="or multiply each frontier")
     p.add_argument("--ctx-alloc", type=int, default=None, help="default ctx-max + gen + 1")
-    p.add_argument("-n", "--gen-tokens", type=int, default=128)
+    p.add_argument(
+        "-n",
+        "--gen-tokens",
+        type=int,
+        default=128,
+        help="greedy tokens timed per frontier (%(default)s)",
+    )
     p.add_argument("--csv", help="write the CSV here (default stdout)")
+    p.add_argument("--plot", metavar="CSV", help="render a PNG from a bench CSV and exit")
 
 
 def _dispatch(

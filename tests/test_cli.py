@@ -343,5 +343,5 @@ def test_bench_gets_ds4_bench_flags(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ds4py.bench", mod)
     assert cli.main(["bench", "--demo", "--prompt-file", "p.txt", "--ctx-max", "4096"]) == 0
     monkeypatch.setitem(sys.modules, "ds4py.bench", None)  # a build without the module
-    assert cli.main(["bench", "--prompt-file", "p.txt"]) == 1
+    assert cli.main(["bench", "--plot", "run.csv"]) == 1
     assert "ds4py.bench.main is not available" in capsys.readouterr().err
