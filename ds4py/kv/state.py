@@ -228,6 +228,20 @@ class KVState:
         self.pos = 0
         self.layers = [LayerState(shape, i, ctx, device, compact) for i in range(shape.n_layer)]
 
+    def nbytes(self) -> int:
+        """Bytes of cache this timeline holds now: live raw rows, compressed rows, frontiers."""
+        n, total = self.pos, 0
+        for L in self.layers:
+            total += min(n, L.window) * L.raw[0].numel() * L.raw.element_size()
+            if L.ratio:
+                total += L.n_comp * L.comp.row_bytes
+                if L.ratio == 4:
+                    total += L.n_comp * L.index.row_bytes
+                for fr in (L.attn_frontier, L.index_frontier):
+                    if fr is not None:
+                        total += sum(t.numel() * t.element_size() for t in fr.tensors())
+        return total
+
     def growing_bytes_per_token(self) -> float:
         """Bytes the cache grows by per token of context (compressed + indexer rows)."""
         return sum(

@@ -56,7 +56,7 @@ def rope_freqs(shape: Shape, compress: bool) -> Tensor:
 def rope(x: Tensor, pos: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor:
     """Rotate adjacent pairs of the last len(freqs)*2 dims of x [T, ..., W] at positions pos [T]."""
     n = freqs.numel() * 2
-    ang = pos.to(torch.float64)[:, None] * freqs.to(pos.device)[None, :]  # [T, n/2], exact angles
+    ang = pos.to(torch.float64)[:, None] * freqs[None, :]  # [T, n/2], float64: exact angles
     cos, sin = ang.cos().float(), ang.sin().float()
     if inverse:
         sin = -sin
@@ -174,7 +174,7 @@ class Block:
     def __init__(self, shape: Shape, layer: int, ops: Ops, quant_sim: bool):
         self.shape, self.layer, self.ops, self.quant_sim = shape, layer, ops, quant_sim
         self.ratio = shape.ratio(layer)
-        self.freqs = rope_freqs(shape, compress=self.ratio != 0)
+        self.freqs = rope_freqs(shape, compress=self.ratio != 0).to(ops.device)
 
     def forward(self, X: Tensor, tokens: Tensor, pos: Tensor, st: LayerState) -> Tensor:
         """X [T, hc, D] at positions pos [T] (consecutive) -> X' [T, hc, D]; updates st."""

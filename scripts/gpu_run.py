@@ -1,0 +1,194 @@
+"""Device run: GPU-vs-CPU correctness, then full-size speed with synthetic weights.
+
+Stages (each guarded; results go to OUT/results.json, logs to stdout):
+  check    tiny model: CUDA (Triton + CUDA-graph decode) vs the CPU reference, both quant_sim
+  width    Flash-width 4-layer q2 model: GPU vs CPU reference logits; per-layer decode time
+  full     43-layer q2 model made on the GPU: memory, prefill at 8K, decode at 4K/32K/128K/1M
+           (beyond the prefilled frontier the cache is filled with random rows: the speed of a
+           step does not depend on the values), bench CSV, a decode-step profile
+Usage: python scripts/gpu_run.py OUT stage [stage...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from ds4py import Engine
+from ds4py.bench import frontiers, run, to_csv
+from ds4py.config import FLASH, Shape
+from ds4py.model.model import fp4_sim, fp8_sim, round_rope_f16
+from ds4py.synth import demo_shape
+
+OUT = Path(sys.argv[1])
+RESULTS: dict = {}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(a, b) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float(((a - b).abs().amax(-1) / b.abs().amax(-1)).max())
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def ids_for(n, vocab, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def stage_check():
+    out = {}
+    for sim in (False, True):
+        cpu = Engine.synthetic(demo_shape(), device="cpu", seed=1, quant_sim=sim)
+        gpu = Engine.synthetic(demo_shape(), device="cuda", seed=1, quant_sim=sim)
+        ids = ids_for(300, 129280)
+        a, b = cpu.score(ids), gpu.score(ids)
+        sc, sg = cpu.new_session(512), gpu.new_session(512)
+        sc.sync(ids[:200]), sg.sync(ids[:200])
+        worst = 0.0
+        for t in ids[200:260]:
+            worst = max(worst, rel(sg.eval(t)[None], sc.eval(t)[None]))
+        out[f"sim={sim}"] = {"score_rel": rel(b, a), "decode_rel": worst,
+                             "graph": sg._decoder.graph is not None}  # fmt: skip
+        log("check", sim, out[f"sim={sim}"])
+    RESULTS["check"] = out
+
+
+def flash(n_layer: int) -> Shape:
+    return Shape(**{**FLASH, "n_layer": n_layer})
+
+
+def time_decode(sess, n: int, start_token: int = 1) -> float:
+    logits = sess.eval(start_token)  # eager warm step / capture happens in the first two
+    logits = sess.eval(int(logits.argmax()))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = sess.eval(int(logits.argmax()))
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def stage_width():
+    shape = flash(4)
+    gpu = Engine.synthetic(shape, device="cuda", seed=2)
+    cpu = Engine.synthetic(shape, device="cpu", seed=2)
+    ids = ids_for(24, shape.n_vocab, 3)
+    t0 = time.perf_counter()
+    a = cpu.score(ids)
+    log("cpu score", time.perf_counter() - t0)
+    b = gpu.score(ids)
+    sess = gpu.new_session(8192)
+    sess.sync(ids_for(4096, shape.n_vocab, 4))
+    step = time_decode(sess, 32)
+    RESULTS["width"] = {"score_rel": rel(b, a), "decode_step_ms_4_layers": step * 1e3}
+    log("width", RESULTS["width"])
+
+
+def fill(sess, n: int) -> None:
+    """Pretend n tokens are cached: random rows of the right kinds (speed runs only)."""
+    st, s = sess.state, sess.engine.shape
+    g = torch.Generator("cuda").manual_seed(0)
+    for L in st.layers:
+        L.raw.copy_(round_rope_f16(fp8_sim(torch.randn(L.raw.shape, generator=g, device="cuda"),
+                                           s.n_nope), s.n_rot))  # fmt: skip
+        if L.ratio:
+            k = n // L.ratio
+            for i in range(0, k, 65536):
+                m = min(65536, k - i)
+                rows = torch.randn(m, s.head_dim, generator=g, device="cuda")
+                L.comp.put(i, round_rope_f16(fp8_sim(rows, s.n_nope), s.n_rot))
+                if L.ratio == 4:
+                    idx = torch.randn(m, s.indexer_head_dim, generator=g, device="cuda")
+                    L.index.put(i, fp4_sim(idx))
+            L.n_comp = k
+    st.pos = n
+    sess.tokens = [1] * n
+
+
+def stage_full():
+    shape = flash(43)
+    t0 = time.perf_counter()
+    eng = Engine.synthetic(shape, device="cuda", seed=5)
+    sync()
+    res = {
+        "build_s": time.perf_counter() - t0,
+        "weights_gib": torch.cuda.memory_allocated() / 2**30,
+    }
+    log("built", res)
+    # prefill 8K (4 chunks of 2048), then decode at 8K
+    ids = ids_for(8192 + 64, shape.n_vocab, 6)
+    sess = eng.new_session(16384)
+    sess.sync(ids[:2048])  # warm the prefill kernels
+    sess.rewind(0)
+    sync()
+    t0 = time.perf_counter()
+    sess.sync(ids[:8192])
+    sync()
+    res["prefill_8k_tps"] = 8192 / (time.perf_counter() - t0)
+    log("prefill 8k", res["prefill_8k_tps"])
+    sess.rewind(4096)
+    res["decode_4k_tps"] = 1 / time_decode(sess, 64)
+    log("decode 4k", res["decode_4k_tps"])
+    RESULTS["full"] = res
+    prof(sess)
+    del sess
+    for ctx in (32768, 131072, 1048576):
+        torch.cuda.reset_peak_memory_stats()
+        s2 = eng.new_session(ctx)
+        fill(s2, ctx - 256)
+        tps = 1 / time_decode(s2, 16)
+        res[f"decode_{ctx}_tps"] = tps
+        res[f"peak_gib_{ctx}"] = torch.cuda.max_memory_allocated() / 2**30
+        res[f"kv_gib_{ctx}"] = s2.state.nbytes() / 2**30
+        log("decode", ctx, tps, res[f"peak_gib_{ctx}"])
+        del s2
+        torch.cuda.empty_cache()
+    RESULTS["full"] = res
+    bench_ids = ids_for(8192 + 64, shape.n_vocab, 7)
+    rows = run(eng, bench_ids, frontiers(2048, 8192, 2048, None), 32, 8192 + 64, log=log)
+    (OUT / "bench_full_q2.csv").write_text(to_csv(rows))
+
+
+def prof(sess):
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = sess.eval(1)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+        for _ in range(3):
+            logits = sess.eval(int(logits.argmax()))
+        sync()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    (OUT / "decode_profile.txt").write_text(table)
+    n_kernels = sum(e.count for e in p.key_averages() if e.device_type.name == "CUDA")
+    RESULTS.setdefault("full", {})["kernels_per_token"] = n_kernels / 3
+    log(table[:4000])
+
+
+STAGES = {"check": stage_check, "width": stage_width, "full": stage_full}
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS["device"] = torch.cuda.get_device_name()
+    for name in sys.argv[2:]:
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                STAGES[name]()
+        except Exception:
+            RESULTS[f"{name}_error"] = traceback.format_exc()
+            log(traceback.format_exc())
+        RESULTS[f"{name}_s"] = time.perf_counter() - t0
+        (OUT / "results.json").write_text(json.dumps(RESULTS, indent=1))
+    log(json.dumps(RESULTS, indent=1))
