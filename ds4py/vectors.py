@@ -10,7 +10,7 @@ Does not own: the engine, the tokenizer, or any printing (cli.py drives this mod
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,6 @@ def collect_steps(
     n_steps: int,
     top_k: int,
     force: Sequence[int | None] = (),
-    on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy decode from the session's current logits, recording each step like ds4.
 
@@ -166,8 +165,6 @@ def collect_steps(
         top = top_logprobs(logits, top_k)
         selected = int(torch.argmax(logits))
         steps.append(_step_json(i, selected, top, tokenizer))
-        if on_step:
-            on_step(i)
         if selected == tokenizer.eos_id or i + 1 == n_steps:
             break
         forced = force[i] if i < len(force) else None
