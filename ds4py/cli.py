@@ -286,9 +286,11 @@ def open_engine(args: argparse.Namespace) -> Any:
 
     device = _device(args.device)
     if args.demo:
-        return Engine.demo(device=device, seed=0)
+        with _status(f"loading the demo model on {device}"):
+            return Engine.demo(device=device, seed=0)
     if not Path(args.model).is_file():
         raise CliError(missing_model_message(args.model), code=2)
+    # Engine.open reports no progress yet: a spinner rather than a bar
     with _status(f"loading {args.model} on {device}"):
         return Engine.open(args.model, device=device)
 
