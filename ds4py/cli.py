@@ -549,7 +549,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefillBar:
-    """A transient rich progress bar on a terminal stderr, created at the first chunk report."""
+    """A transient rich progress bar on a terminal stderr, from the first chunk report to the
+    last (the engine reports only prefills longer than one chunk)."""
 
     def __init__(self, label: str = "prefill") -> None:
         self.label, self.progress, self.task = label, None, None
@@ -568,6 +569,8 @@ class PrefillBar:
             self.progress.start()
             self.task = self.progress.add_task(self.label, total=total)
         self.progress.update(self.task, completed=done, total=total)
+        if done >= total:  # gone before the answer streams
+            self.close()
 
     def close(self) -> None:
         if self.progress is not None:
