@@ -345,3 +345,21 @@ def test_bench_gets_ds4_bench_flags(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ds4py.bench", None)  # a build without the module
     assert cli.main(["bench", "--plot", "run.csv"]) == 1
     assert "ds4py.bench.main is not available" in capsys.readouterr().err
+
+
+def test_prefill_bar_lives_from_first_to_last_chunk(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    bar = cli.PrefillBar()
+    bar(0, 300)
+    assert bar.progress is not None
+    bar(200, 300)
+    assert bar.progress.tasks[0].completed == 200
+    bar(300, 300)
+    assert bar.progress is None  # closed before the answer streams
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    bar(0, 300)
+    assert bar.progress is None
