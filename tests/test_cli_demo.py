@@ -14,6 +14,7 @@ import torch
 from ds4py import Engine, cli
 from ds4py.chat import render_ids
 
+pytestmark = pytest.mark.slow  # ~30-50 s on 2 busy cores, mostly the demo engine's first steps
 FLAGS = ["--demo", "--nothink", "-sys", "", "--ctx", "128"]  # + "--temp 0" where sampling
 
 
