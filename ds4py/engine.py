@@ -59,13 +59,14 @@ class Engine:
         device: str = "cpu",
         quant_sim: bool = True,
         options: EngineOptions | None = None,
+        progress: Progress | None = None,
     ) -> Engine:
         opts = replace(options or EngineOptions(), device=device, quant_sim=quant_sim)
         f = GGUFFile(path)
         shape = Shape.from_metadata(f.metadata)
         ops = Ops.for_device(opts.device)
         model = Transformer(shape, ops, quant_sim=opts.quant_sim)
-        bind(model, file_tensors(f), ops, torch.device(opts.device))
+        bind(model, file_tensors(f), ops, torch.device(opts.device), progress)
         return cls(shape, model, opts, f.metadata, Path(path), f)
 
     @classmethod

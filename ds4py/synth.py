@@ -146,3 +146,22 @@ def write_synthetic(
 
 def _nbytes(qtype: GGMLType, shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) * row_bytes(qtype, shape[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ds4py synth OUT.gguf --quant q2|q4 [--layers N]`: a full-size file of random weights."""
+    import argparse
+
+    from .config import FLASH
+
+    p = argparse.ArgumentParser(prog="ds4py synth", description=main.__doc__)
+    p.add_argument("out", help="output GGUF path")
+    p.add_argument("--quant", choices=sorted(EXPERT_TYPES), default="q2")
+    p.add_argument("--layers", type=int, default=FLASH["n_layer"], help="first N layers only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparse", action="store_true", help="header only, weights left as zero holes")
+    a = p.parse_args(argv)
+    shape = Shape(**{**FLASH, "n_layer": a.layers})
+    write_synthetic(a.out, shape, quant=a.quant, seed=a.seed, sparse=a.sparse)
+    print(f"wrote {a.out}: {a.layers} layers, {a.quant}, {os.path.getsize(a.out) / 2**30:.2f} GiB")
+    return 0

@@ -147,11 +147,21 @@ def file_tensors(f: GGUFFile) -> dict[str, Callable[[], QTensor]]:
 
 
 def bind(
-    model: Transformer, tensors: Mapping[str, Callable[[], QTensor]], ops: Ops, device: torch.device
+    model: Transformer,
+    tensors: Mapping[str, Callable[[], QTensor]],
+    ops: Ops,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Check every tensor against the spec and attach it to the model (name -> QTensor maker)."""
+    """Check every tensor against the spec and attach it to the model (name -> QTensor maker).
+
+    Tensors go to the device one at a time straight from their source (the file's mapping), so
+    the host never holds a copy of the weights; progress(done, total) counts tensors."""
     s = model.shape
-    for spec in tensor_specs(s):
+    specs = tensor_specs(s)
+    for i, spec in enumerate(specs):
+        if progress:
+            progress(i, len(specs))
         if spec.name not in tensors:
             if spec.optional:
                 continue
@@ -171,3 +181,5 @@ def bind(
                 q = QTensor.from_raw(q.data, q.qtype, (s.o_groups, s.o_lora_rank, spec.shape[1]))
             value = ops.prepare(q)
         setattr(target, attr, value)
+    if progress:
+        progress(len(specs), len(specs))
