@@ -140,6 +140,21 @@ def test_qtensor_views_and_validation():
     assert torch.equal(flat.dequantize(), dense)
 
 
+@pytest.mark.parametrize("qtype", [GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS, GQ.F16])
+def test_split_layout_roundtrip(qtype):
+    w = random_qtensor(qtype, (3, 4, 512), torch.Generator().manual_seed(2))
+    s = w.split()
+    assert s.data.shape == w.data.shape and s.nbytes == w.nbytes
+    assert s.layout == ("gguf" if qtype == GQ.F16 else "split")
+    assert torch.equal(s.dequantize(), w.dequantize())
+    assert torch.equal(s[1, 2:].dequantize(), w[1, 2:].dequantize())  # rows stay whole
+    assert torch.equal(s.gguf_data(), w.data) and s.split() is s
+    if qtype == GQ.Q8_0:  # first 32 bytes of a row: the biased q of block 0
+        assert torch.equal(s.data[0, 0, :32], w.data[0, 0, 2:34] ^ 0x80)
+    with pytest.raises(ValueError, match="layout"):
+        QTensor(w.data, qtype, w.shape, "tiled")
+
+
 @pytest.mark.parametrize("qtype", [GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS, GQ.F16, GQ.BF16])
 def test_random_blocks_are_sane(qtype):
     gen = torch.Generator().manual_seed(1)

@@ -279,17 +279,66 @@ def row_bytes(qtype: GQ | int, ncols: int) -> int:
 # ---- QTensor ---------------------------------------------------------------------------------
 
 
+# ---- Row-split layout -------------------------------------------------------------------------
+
+# A GPU backend may regroup each row's bytes field by field ("split" layout: same bytes per row,
+# so expert/row slicing still works): byte ranges of a block, in the order they are laid out.
+# Wide aligned loads of the packed quants then need no per-block address arithmetic.
+SPLIT_FIELDS: Mapping[GQ, tuple[tuple[int, int], ...]] = MappingProxyType(
+    {
+        GQ.Q8_0: ((2, 34), (0, 2)),  # q (stored as q ^ 0x80: biased unsigned), d
+        GQ.Q2_K: ((16, 80), (0, 16), (80, 84)),  # qs, scales, (d, dmin)
+        GQ.Q4_K: ((16, 144), (4, 16), (0, 4)),  # qs, packed scales, (d, dmin)
+        GQ.IQ2_XXS: ((2, 66), (0, 2)),  # 16 u32 words, d
+    }
+)
+
+
+def split_rows(data: torch.Tensor, qtype: GQ) -> torch.Tensor:
+    """GGUF block layout -> split layout (see SPLIT_FIELDS); same shape and byte count."""
+    blocks = data.reshape(*data.shape[:-1], -1, FORMATS[qtype].block_bytes)
+    parts = [blocks[..., a:b].flatten(-2) for a, b in SPLIT_FIELDS[qtype]]
+    if qtype == GQ.Q8_0:
+        parts[0] = parts[0] ^ 0x80
+    return torch.cat(parts, dim=-1)
+
+
+def join_rows(data: torch.Tensor, qtype: GQ) -> torch.Tensor:
+    """Split layout -> GGUF block layout (inverse of `split_rows`)."""
+    nb = data.shape[-1] // FORMATS[qtype].block_bytes
+    blocks = torch.empty(*data.shape[:-1], nb, FORMATS[qtype].block_bytes, dtype=torch.uint8,
+                         device=data.device)  # fmt: skip
+    at = 0
+    for i, (a, b) in enumerate(SPLIT_FIELDS[qtype]):
+        part = data[..., at : at + nb * (b - a)].reshape(*data.shape[:-1], nb, b - a)
+        blocks[..., a:b] = part ^ 0x80 if (qtype == GQ.Q8_0 and i == 0) else part
+        at += nb * (b - a)
+    return blocks.flatten(-2)
+
+
+# ---- QTensor ---------------------------------------------------------------------------------
+
+
 @dataclass
 class QTensor:
-    """A tensor kept in its GGUF encoding: `data` is uint8 [*shape[:-1], row_bytes]."""
+    """A tensor kept in its GGUF encoding: `data` is uint8 [*shape[:-1], row_bytes].
+
+    `layout` is "gguf" (blocks as in the file) or "split" (rows regrouped by a GPU backend at
+    load, see `split_rows`); `dequantize` understands both.
+    """
 
     data: torch.Tensor
     qtype: GQ
     shape: tuple[int, ...]
+    layout: str = "gguf"
 
     def __post_init__(self) -> None:
         self.qtype = GQ(self.qtype)
         self.shape = tuple(int(s) for s in self.shape)
+        if self.layout not in ("gguf", "split"):
+            raise ValueError(f"unknown QTensor layout {self.layout!r}")
+        if self.layout == "split" and self.qtype not in SPLIT_FIELDS:
+            raise ValueError(f"{self.qtype.name} has no split layout")
         if self.data.dtype != torch.uint8:
             raise ValueError(f"QTensor data must be uint8, got {self.data.dtype}")
         if not self.shape:
@@ -327,7 +376,17 @@ class QTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values as a dense tensor of shape `shape`."""
-        return self.format.dequantize(self.data).reshape(self.shape).to(dtype)
+        return self.format.dequantize(self.gguf_data()).reshape(self.shape).to(dtype)
+
+    def gguf_data(self) -> torch.Tensor:
+        """`data` in GGUF block layout (a copy when the tensor is split)."""
+        return join_rows(self.data, self.qtype) if self.layout == "split" else self.data
+
+    def split(self) -> QTensor:
+        """This tensor in split layout (itself for formats without one)."""
+        if self.layout == "split" or self.qtype not in SPLIT_FIELDS:
+            return self
+        return QTensor(split_rows(self.data, self.qtype), self.qtype, self.shape, "split")
 
     def __getitem__(self, idx) -> QTensor:
         """Index the leading dims (experts, rows); the last (packed) dim is never indexed."""
@@ -335,13 +394,14 @@ class QTensor:
         if any(i is Ellipsis or i is None for i in idx) or len(idx) > len(self.shape) - 1:
             raise ValueError(f"QTensor {self.shape}: index {idx} must address leading dims only")
         data = self.data[idx]
-        return QTensor(data, self.qtype, (*data.shape[:-1], self.shape[-1]))
+        return QTensor(data, self.qtype, (*data.shape[:-1], self.shape[-1]), self.layout)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QTensor:
-        return QTensor(self.data.to(device, non_blocking=non_blocking), self.qtype, self.shape)
+        data = self.data.to(device, non_blocking=non_blocking)
+        return QTensor(data, self.qtype, self.shape, self.layout)
 
     def contiguous(self) -> QTensor:
-        return QTensor(self.data.contiguous(), self.qtype, self.shape)
+        return QTensor(self.data.contiguous(), self.qtype, self.shape, self.layout)
 
 
 # ---- Quantizers ------------------------------------------------------------------------------
@@ -400,16 +460,20 @@ def random_blocks(
     """uint8 [n_blocks, block_bytes] of valid blocks whose values have std roughly `scale`.
 
     Payload bytes are uniform; the f16 scales are positive, finite and vary by ~2x per block.
+    The blocks are made on the generator's device (a CUDA generator fills GPU memory directly).
     """
     qtype = GQ(qtype)
     fmt = get_format(qtype)
+    dev = generator.device if generator is not None else None
     if fmt.float_dtype is not None:
-        vals = torch.randn(n_blocks, generator=generator) * scale
+        vals = torch.randn(n_blocks, generator=generator, device=dev) * scale
         return vals.to(fmt.float_dtype).reshape(-1, 1).view(torch.uint8)
     if qtype not in _STD_PER_D:
         raise ValueError(f"random_blocks does not support {qtype.name}")
-    raw = torch.randint(0, 256, (n_blocks, fmt.block_bytes), dtype=torch.uint8, generator=generator)
-    jitter = 0.7 + 0.6 * torch.rand(n_blocks, generator=generator)
+    raw = torch.randint(
+        0, 256, (n_blocks, fmt.block_bytes), dtype=torch.uint8, generator=generator, device=dev
+    )
+    jitter = 0.7 + 0.6 * torch.rand(n_blocks, generator=generator, device=dev)
     d = jitter * (scale / _STD_PER_D[qtype])
     if qtype in (GQ.Q8_0, GQ.IQ2_XXS):
         raw[:, 0:2] = _f16_bytes(d)

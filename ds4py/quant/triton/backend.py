@@ -1,7 +1,7 @@
 """`TritonOps`: the CUDA backend, binding the Triton kernels into the `Ops` interface.
 
 Owns: dispatch by token count (GEMV / decode MoE for <= 8 tokens, tensor-core GEMM / grouped
-MoE above) and the device-resident IQ2_XXS grid. Does not own: kernels (gemv.py, gemm.py,
+MoE above) and the device-resident IQ2_XXS tables. Does not own: kernels (gemv.py, gemm.py,
 moe.py) or semantics (ds4py/quant/ref.py, which the CPU backend runs).
 """
 
@@ -16,7 +16,7 @@ from ds4py.quant.ops import Ops
 from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
 from ds4py.quant.triton.moe import moe_decode, moe_prefill
-from ds4py.quant.triton.tiles import SUPPORTED, grid_table
+from ds4py.quant.triton.tiles import SUPPORTED, prepared, tables
 
 
 class TritonOps(Ops):
@@ -24,11 +24,12 @@ class TritonOps(Ops):
 
     def __init__(self, device: torch.device | str) -> None:
         super().__init__(device)
-        self.grid = grid_table(self.device)
+        self.tabs = tables(self.device)
 
     def prepare(self, w: QTensor) -> QTensor:
-        """Move to the device, keeping the GGUF encoding (F16 stays F16: half the bytes)."""
-        return w.to(self.device).contiguous()
+        """Move to the device and regroup block bytes per row (split layout, same size);
+        float weights keep their encoding (F16 stays F16: half the bytes of F32)."""
+        return prepared(w.to(self.device))
 
     def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
         ref.check_linear(x, w)
@@ -36,8 +37,8 @@ class TritonOps(Ops):
             return ref.linear(x, w)
         x = x.contiguous()
         if x.shape[0] <= MAX_TOKENS:
-            return gemv(x, w, self.grid)
-        return gemm(x, w, self.grid)
+            return gemv(x, w, self.tabs)
+        return gemm(x, w, self.tabs)
 
     def moe(
         self,
@@ -50,5 +51,5 @@ class TritonOps(Ops):
         clamp: float,
     ) -> torch.Tensor:
         if x.shape[0] <= MAX_TOKENS:
-            return moe_decode(x, ids, weights, gate, up, down, clamp, self.grid)
-        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.grid)
+            return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
+        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)

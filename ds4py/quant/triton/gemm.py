@@ -15,7 +15,7 @@ import triton.language as tl
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.gemv import _check
-from ds4py.quant.triton.tiles import dequant_tile, group_size, interpreting
+from ds4py.quant.triton.tiles import dequant_tile, interpreting, prepared
 
 
 @triton.jit
@@ -28,15 +28,11 @@ def bf16_dot(a, b, acc, EMULATE: tl.constexpr):
     return acc
 
 
-def emulate_bf16() -> bool:
-    return interpreting()
-
-
 @triton.jit
 def _gemm_kernel(
-    x, w, grid, out, M, N, K, RB, RPG, stride_xm, stride_xg,
+    x, w, tabs, out, M, N, K, RB, RPG, stride_xm, stride_xg,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GS: tl.constexpr, GROUP_M: tl.constexpr, EMULATE: tl.constexpr,
+    GROUP_M: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     # grouped launch order: GROUP_M row tiles share each weight tile while it is in L2
     pid = tl.program_id(0)
@@ -57,7 +53,7 @@ def _gemm_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(xrow + k0 + kk[None, :])  # bf16 [BM, BK]
-        wt = tl.reshape(dequant_tile(w, grid, row_off, k0, FMT, BK), (BN, BK)).to(tl.bfloat16)
+        wt = dequant_tile(w, tabs, row_off, K, k0, FMT, BK).to(tl.bfloat16)
         acc = bf16_dot(a, tl.trans(wt), acc, EMULATE)
     omask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=omask)
@@ -69,11 +65,12 @@ def gemm_config(k: int, rows_per_group: int) -> dict:
     return dict(BM=128, BN=bn, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def gemm(x: torch.Tensor, w: QTensor, grid: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """x [M, K] or [M, G, K] float32, w (N, K) -> [M, N] float32 (bf16 products, f32 sums).
 
     `cfg` (BM, BN, BK, GROUP_M, num_warps, num_stages) overrides the default tiling."""
     groups = _check(x, w)
+    w = prepared(w)
     n, k = w.shape
     rpg = n // groups
     cfg = cfg or gemm_config(k, rpg)
@@ -84,14 +81,14 @@ def gemm(x: torch.Tensor, w: QTensor, grid: torch.Tensor, cfg: dict | None = Non
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
     launch = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     _gemm_kernel[launch](
-        xb, w.data, grid, out, m, n, k, w.data.shape[-1], rpg, groups * k, k,
-        FMT=int(w.qtype), GS=group_size(w.qtype, cfg["BK"]), EMULATE=emulate_bf16(), **cfg,
+        xb, w.data, tabs, out, m, n, k, w.data.shape[-1], rpg, groups * k, k,
+        FMT=int(w.qtype), EMULATE=interpreting(), **cfg,
     )  # fmt: skip
     return out
 
 
 def gemm_ref(
-    x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None, cfg: dict | None = None
+    x: torch.Tensor, w: QTensor, tabs: torch.Tensor | None = None, cfg: dict | None = None
 ) -> torch.Tensor:
     """Torch reference with gemm's signature (float32 throughout)."""
     return ref.linear(x, w)

@@ -1,8 +1,9 @@
 """Decode GEMV: y[T, N] = x[T, (G,) K] @ W(N, K).T for 1..8 tokens, dequantizing on the fly.
 
-Owns: the memory-bound small-batch matmul on GGUF-encoded weights (F16, BF16, F32, Q8_0, Q2_K,
-Q4_K, IQ2_XXS) with float32 FMA accumulation, its launcher and a torch reference of the same
-signature. Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (MODEL.md §2.8).
+Owns: the memory-bound small-batch matmul on split-layout weights (rowdot.py does the inner
+step per format), its tiling heuristic, launcher and a torch reference of the same signature.
+Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (MODEL.md §2.8).
+Numerics: F16/BF16/F32/Q8_0 in float32 FMA; Q2_K/Q4_K/IQ2_XXS with int8 activations (act.py).
 Does not own: prefill (gemm.py) or backend choice (backend.py).
 """
 
@@ -14,34 +15,74 @@ import triton.language as tl
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
-from ds4py.quant.triton.tiles import SUPPORTED, dequant_tile, group_size, interpreting
+from ds4py.quant.triton.act import quantize_act
+from ds4py.quant.triton.rowdot import acc_groups, accumulate
+from ds4py.quant.triton.tiles import INT8_PATH, SUPPORTED, interpreting, prepared
 
 MAX_TOKENS = 8
-# elements of W one program decodes per K step; enough loads in flight, bounded registers
-TILE_ELEMS = 4096
+
+
+@triton.jit
+def _tok(acc, t: tl.constexpr, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR,
+         FMT: tl.constexpr, BK: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    return accumulate(acc, w, tabs, row_off, K, k0, x + t * XR, xq + t * (XR // 4),
+                      xs + t * (XR // 32), xsum + t * (XR // 16), FMT, BK, EMULATE)  # fmt: skip
+
+
+@triton.jit
+def _store(out, acc, t: tl.constexpr, rows, N):
+    tl.store(out + t * N + rows, tl.sum(acc, axis=1), mask=rows < N)
 
 
 @triton.jit
 def _gemv_kernel(
-    x, w, grid, out, N, K, RB, RPG, stride_xt, stride_xg,
-    FMT: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+    x, xq, xs, xsum, w, tabs, out, N, K, RB, RPG, XR,
+    T: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, AG: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     row_off = tl.minimum(rows, N - 1).to(tl.int64) * RB  # clamped rows are computed, not stored
-    xb = x + ((pid * BN) // RPG) * stride_xg
-    kk = tl.arange(0, BK // GS)[:, None] * GS + tl.arange(0, GS)[None, :]  # [G, GS]
-    tt = tl.arange(0, BT)
-    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    grp = (pid * BN) // RPG  # input group of this row block
+    x += grp * K
+    xq += grp * (K // 4)
+    xs += grp * (K // 32)
+    xsum += grp * (K // 16)
+    # one accumulator per token (a token axis in the tiles costs layout shuffles); tokens
+    # after the first re-decode the weights from L1, so T > 1 is ALU-heavier, not more bytes
+    a0 = tl.zeros([BN, AG], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
     for k0 in range(0, K, BK):
-        wt = dequant_tile(w, grid, row_off, k0, FMT, BK)  # [BN, G, GS]
-        for t in tl.static_range(T):
-            xt = tl.load(xb + t * stride_xt + k0 + kk)
-            part = tl.sum(tl.sum(wt * xt[None, :, :], axis=2), axis=1)  # [BN]
-            acc = tl.where(tt[:, None] == t, acc + part[None, :], acc)
-    omask = (tt[:, None] < T) & (rows[None, :] < N)
-    tl.store(out + tt[:, None] * N + rows[None, :], acc, mask=omask)
+        a0 = _tok(a0, 0, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 1:
+            a1 = _tok(a1, 1, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 2:
+            a2 = _tok(a2, 2, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 3:
+            a3 = _tok(a3, 3, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 4:
+            a4 = _tok(a4, 4, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 5:
+            a5 = _tok(a5, 5, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 6:
+            a6 = _tok(a6, 6, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+        if T > 7:
+            a7 = _tok(a7, 7, w, tabs, row_off, K, k0, x, xq, xs, xsum, XR, FMT, BK, EMULATE)
+    _store(out, a0, 0, rows, N)
+    if T > 1:
+        _store(out, a1, 1, rows, N)
+    if T > 2:
+        _store(out, a2, 2, rows, N)
+    if T > 3:
+        _store(out, a3, 3, rows, N)
+    if T > 4:
+        _store(out, a4, 4, rows, N)
+    if T > 5:
+        _store(out, a5, 5, rows, N)
+    if T > 6:
+        _store(out, a6, 6, rows, N)
+    if T > 7:
+        _store(out, a7, 7, rows, N)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -56,12 +97,12 @@ def min_programs() -> int:
     return 1 if interpreting() else 512
 
 
-def gemv_config(
-    n: int, k: int, rows_per_group: int, tile_elems: int = TILE_ELEMS, num_warps: int = 4
-) -> dict:
+def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int = 4096,
+                num_warps: int = 4) -> dict:  # fmt: skip
     """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU."""
-    bk = _pow2_divisor(k, min(4096, tile_elems))
-    bn = max(1, min(16, tile_elems // bk))
+    tile = tile if n_tok <= 4 else tile // 2
+    bk = _pow2_divisor(k, min(4096, tile))
+    bn = max(1, min(16, tile // bk))
     while bn > 1 and (n // bn < min_programs() or rows_per_group % bn):
         bn //= 2
     return dict(BN=bn, BK=bk, num_warps=num_warps)
@@ -70,42 +111,53 @@ def gemv_config(
 def _check(x: torch.Tensor, w: QTensor) -> int:
     """Validate and return the number of input groups."""
     if w.qtype not in SUPPORTED or len(w.shape) != 2:
-        raise ValueError(f"gemv: unsupported weight {w.qtype.name} {w.shape}")
+        raise ValueError(f"unsupported weight {w.qtype.name} {w.shape}")
     if x.dtype != torch.float32 or not x.is_contiguous() or x.ndim not in (2, 3):
-        raise ValueError(f"gemv: x must be contiguous float32 [T, (G,) K], got {x.dtype} {x.shape}")
+        raise ValueError(f"x must be contiguous float32 [T, (G,) K], got {x.dtype} {x.shape}")
     groups = x.shape[1] if x.ndim == 3 else 1
     if x.shape[-1] != w.shape[1] or w.shape[0] % groups:
-        raise ValueError(f"gemv: x {tuple(x.shape)} does not fit weight {w.shape}")
-    if not w.data.is_contiguous() or x.device != w.device:
-        raise ValueError("gemv: weight must be contiguous and on x's device")
+        raise ValueError(f"x {tuple(x.shape)} does not fit weight {w.shape}")
+    if x.device != w.device:
+        raise ValueError("weight must be on x's device")
     return groups
 
 
-def gemv(x: torch.Tensor, w: QTensor, grid: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+def act_operands(x2: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
+    """(xq as int32 words, scales, 16-sums) for the int8 path; x itself as dummies otherwise."""
+    if not int8:
+        return x2, x2, x2
+    xq, xs, xsum = quantize_act(x2)
+    return xq.view(torch.int32), xs, xsum
+
+
+def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """x [T, K] or [T, G, K] float32 (T <= 8), w (N, K) -> [T, N] float32.
 
+    `w` should come from `prepared` (split layout; converted here otherwise, slowly).
     `cfg` (BN, BK, num_warps) overrides the tiling heuristic (benchmarks)."""
     groups = _check(x, w)
     n_tok = x.shape[0]
     if not 1 <= n_tok <= MAX_TOKENS:
         raise ValueError(f"gemv: 1..{MAX_TOKENS} tokens, got {n_tok}")
+    w = prepared(w)
     n, k = w.shape
     rpg = n // groups
-    cfg = cfg or gemv_config(n, k, rpg)
+    cfg = cfg or gemv_config(n, k, rpg, n_tok)
     bn, bk = cfg["BN"], cfg["BK"]
-    if k % bk or rpg % bn:
-        raise ValueError(f"gemv: tile {bn}x{bk} does not divide weight {w.shape}")
+    int8 = w.qtype in INT8_PATH
+    if k % bk or rpg % bn or (int8 and bk % 256):
+        raise ValueError(f"gemv: tile {bn}x{bk} does not fit weight {w.shape}")
+    xq, xs, xsum = act_operands(x.view(n_tok * groups, k), int8)
     out = torch.empty(n_tok, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w.data, grid, out, n, k, w.data.shape[-1], rpg, groups * k, k,
-        FMT=int(w.qtype), T=n_tok, BT=triton.next_power_of_2(n_tok),
-        GS=group_size(w.qtype, bk), **cfg,
+        x, xq, xs, xsum, w.data, tabs, out, n, k, w.data.shape[-1], rpg, groups * k,
+        T=n_tok, FMT=int(w.qtype), AG=acc_groups(w.qtype, bk), EMULATE=interpreting(), **cfg,
     )  # fmt: skip
     return out
 
 
 def gemv_ref(
-    x: torch.Tensor, w: QTensor, grid: torch.Tensor | None = None, cfg: dict | None = None
+    x: torch.Tensor, w: QTensor, tabs: torch.Tensor | None = None, cfg: dict | None = None
 ) -> torch.Tensor:
-    """Torch reference with gemv's signature."""
+    """Torch reference with gemv's signature (float32 activations throughout)."""
     return ref.linear(x, w)

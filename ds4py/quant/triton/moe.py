@@ -1,10 +1,11 @@
 """Routed-expert FFN on GGUF-encoded expert tensors: decode (few tokens) and prefill (grouped).
 
 Owns: out[t] = sum_i down[e] @ (w[t,i] * silu(min(gate[e] x, c)) * clamp(up[e] x, -c, c)),
-e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: launch 1
-does every selected expert's gate+up+SwiGLU (f32 FMA), launch 2 one down row block per token
-summing its k experts in slot order. Prefill: slots sorted by expert, grouped bf16 GEMMs. No
-float atomics anywhere, so results are deterministic. Does not own: routing (the model).
+e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: one launch
+does every selected expert's gate+up+SwiGLU, a second one down row block per token summing its
+k experts in slot order (per-format dots from rowdot.py; int8 activations for 2-4 bit experts).
+Prefill: slots sorted by expert, grouped bf16 GEMMs. No float atomics anywhere, so results are
+deterministic. Expert tensors are read in split layout. Does not own: routing (the model).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import triton.language as tl
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
-from ds4py.quant.triton.gemm import bf16_dot, emulate_bf16
-from ds4py.quant.triton.gemv import gemv_config
-from ds4py.quant.triton.tiles import SUPPORTED, dequant_tile, group_size
+from ds4py.quant.triton.gemm import bf16_dot
+from ds4py.quant.triton.gemv import act_operands, gemv_config
+from ds4py.quant.triton.rowdot import acc_groups, accumulate
+from ds4py.quant.triton.tiles import INT8_PATH, SUPPORTED, dequant_tile, interpreting, prepared
 
 # ---- Decode ----------------------------------------------------------------------------------
 
@@ -31,43 +33,45 @@ def _clamped_swiglu(g, u, clamp):
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x, ids, wts, gate, up, grid, h, F, D, RB, clamp,
-    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+    x, xq, xs, xsum, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
+    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    AG: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     e = tl.load(ids + slot).to(tl.int64)
     row_off = (e * F + tl.minimum(rows, F - 1)) * RB
-    xb = x + (slot // KTOP).to(tl.int64) * D
-    kk = tl.arange(0, BK // GS)[:, None] * GS + tl.arange(0, GS)[None, :]
-    acc_g = tl.zeros([BN], dtype=tl.float32)
-    acc_u = tl.zeros([BN], dtype=tl.float32)
+    t = (slot // KTOP).to(tl.int64)
+    x, xq, xs, xsum = x + t * D, xq + t * (D // 4), xs + t * (D // 32), xsum + t * (D // 16)
+    acc_g = tl.zeros([BN, AG], dtype=tl.float32)
+    acc_u = tl.zeros([BN, AG], dtype=tl.float32)
     for k0 in range(0, D, BK):
-        xt = tl.load(xb + k0 + kk)[None, :, :]
-        acc_g += tl.sum(tl.sum(dequant_tile(gate, grid, row_off, k0, FMT, BK) * xt, 2), 1)
-        acc_u += tl.sum(tl.sum(dequant_tile(up, grid, row_off, k0, FMT, BK) * xt, 2), 1)
-    hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot)
+        acc_g = accumulate(acc_g, gate, tabs, row_off, D, k0, x, xq, xs, xsum, FMT, BK, EMULATE)
+        acc_u = accumulate(acc_u, up, tabs, row_off, D, k0, x, xq, xs, xsum, FMT, BK, EMULATE)
+    g, u = tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + rows, hv, mask=rows < F)
 
 
 @triton.jit
 def _moe_down_kernel(
-    h, ids, down, grid, out, D, F, RB,
-    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+    h, hq, hs, hsum, ids, down, tabs, out, D, F, RB,
+    KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    AG: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     rows_c = tl.minimum(rows, D - 1)
-    kk = tl.arange(0, BK // GS)[:, None] * GS + tl.arange(0, GS)[None, :]
-    acc = tl.zeros([BN], dtype=tl.float32)
+    acc = tl.zeros([BN, AG], dtype=tl.float32)
     for i in range(KTOP):  # slot order: the sum is deterministic
-        slot = t * KTOP + i
+        slot = (t * KTOP + i).to(tl.int64)
         row_off = (tl.load(ids + slot).to(tl.int64) * D + rows_c) * RB
-        hb = h + slot.to(tl.int64) * F
+        hp, hqp, hsp = h + slot * F, hq + slot * (F // 4), hs + slot * (F // 32)
+        hsump = hsum + slot * (F // 16)
         for k0 in range(0, F, BK):
-            wt = dequant_tile(down, grid, row_off, k0, FMT, BK)
-            acc += tl.sum(tl.sum(wt * tl.load(hb + k0 + kk)[None, :, :], 2), 1)
-    tl.store(out + t.to(tl.int64) * D + rows, acc, mask=rows < D)
+            acc = accumulate(acc, down, tabs, row_off, F, k0, hp, hqp, hsp, hsump, FMT, BK,
+                             EMULATE)  # fmt: skip
+    tl.store(out + t.to(tl.int64) * D + rows, tl.sum(acc, axis=1), mask=rows < D)
 
 
 def _check(x, ids, weights, gate, up, down) -> None:
@@ -87,38 +91,46 @@ def moe_decode(
     up: QTensor,
     down: QTensor,
     clamp: float,
-    grid: torch.Tensor,
+    tabs: torch.Tensor,
     cfg: dict | None = None,
 ) -> torch.Tensor:
-    """Two launches; suited to a few tokens (every slot re-reads its expert's rows).
+    """Two launches (plus activation quantization for int8 formats); suited to a few tokens.
 
     `cfg` {"gate_up": gemv-style tile, "down": ...} overrides the tiling (benchmarks)."""
     _check(x, ids, weights, gate, up, down)
+    gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
-    h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
     cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim)
     gu, dn = cfg["gate_up"], cfg["down"]
-    if dim % gu["BK"] or n_ff % gu["BN"] or n_ff % dn["BK"] or dim % dn["BN"]:
-        raise ValueError(f"moe_decode: tiles {cfg} do not divide experts {gate.shape}")
+    for qt, c, cols in ((gate.qtype, gu, dim), (down.qtype, dn, n_ff)):
+        if cols % c["BK"] or (qt in INT8_PATH and c["BK"] % 256):
+            raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
+    if n_ff % gu["BN"] or dim % dn["BN"]:
+        raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
+    emulate = interpreting()
+    h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
+    xo = act_operands(x, gate.qtype in INT8_PATH)
     _moe_gate_up_kernel[(n_tok * k, n_ff // gu["BN"])](
-        x, ids32, wts, gate.data, up.data, grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
-        KTOP=k, FMT=int(gate.qtype), GS=group_size(gate.qtype, gu["BK"]), **gu,
+        x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
+        float(clamp), KTOP=k, FMT=int(gate.qtype), AG=acc_groups(gate.qtype, gu["BK"]),
+        EMULATE=emulate, **gu,
     )  # fmt: skip
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
+    ho = act_operands(h, down.qtype in INT8_PATH)
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
-        h, ids32, down.data, grid, out, dim, n_ff, down.data.shape[-1],
-        KTOP=k, FMT=int(down.qtype), GS=group_size(down.qtype, dn["BK"]), **dn,
+        h, *ho, ids32, down.data, tabs, out, dim, n_ff, down.data.shape[-1],
+        KTOP=k, FMT=int(down.qtype), AG=acc_groups(down.qtype, dn["BK"]), EMULATE=emulate, **dn,
     )  # fmt: skip
     return out
 
 
-def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile_elems: int = 4096,
+def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int = 4096,
                       num_warps: int = 4) -> dict:  # fmt: skip
-    """gemv's heuristic with the slot/token grid dimension counted (gate/up holds two tiles)."""
-    gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, tile_elems, num_warps)
-    return dict(gate_up=gate_up, down=gemv_config(dim * n_tok, n_ff, dim, tile_elems, num_warps))
+    """gemv's heuristic with the slot/token grid dimension counted."""
+    gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps)
+    return dict(gate_up=gate_up, down=gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps))
 
 
 # ---- Prefill ---------------------------------------------------------------------------------
@@ -135,9 +147,9 @@ def _tile_rows(tiles, r, BM: tl.constexpr):
 
 @triton.jit
 def _grouped_gate_up_kernel(
-    xb, order, wts, tiles, gate, up, grid, h, F, D, RB, clamp,
+    xb, order, wts, tiles, gate, up, tabs, h, F, D, RB, clamp,
     KTOP: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, GS: tl.constexpr, EMULATE: tl.constexpr,
+    BK: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -149,10 +161,10 @@ def _grouped_gate_up_kernel(
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, D, BK):
         a = tl.load(xrow + k0 + kk[None, :])
-        wg = tl.reshape(dequant_tile(gate, grid, row_off, k0, FMT, BK), (BN, BK))
-        acc_g = bf16_dot(a, tl.trans(wg.to(tl.bfloat16)), acc_g, EMULATE)
-        wu = tl.reshape(dequant_tile(up, grid, row_off, k0, FMT, BK), (BN, BK))
-        acc_u = bf16_dot(a, tl.trans(wu.to(tl.bfloat16)), acc_u, EMULATE)
+        wg = dequant_tile(gate, tabs, row_off, D, k0, FMT, BK).to(tl.bfloat16)
+        acc_g = bf16_dot(a, tl.trans(wg), acc_g, EMULATE)
+        wu = dequant_tile(up, tabs, row_off, D, k0, FMT, BK).to(tl.bfloat16)
+        acc_u = bf16_dot(a, tl.trans(wu), acc_u, EMULATE)
     hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot, mask=valid, other=0)[:, None]
     hmask = valid[:, None] & (rn[None, :] < F)
     tl.store(h + rows.to(tl.int64)[:, None] * F + rn[None, :], hv.to(tl.bfloat16), mask=hmask)
@@ -160,9 +172,9 @@ def _grouped_gate_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    h, tiles, down, grid, y, D, F, RB,
+    h, tiles, down, tabs, y, D, F, RB,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GS: tl.constexpr, EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):  # fmt: skip
     e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -172,8 +184,8 @@ def _grouped_down_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, F, BK):
         a = tl.load(hrow + k0 + kk[None, :])
-        wt = tl.reshape(dequant_tile(down, grid, row_off, k0, FMT, BK), (BN, BK))
-        acc = bf16_dot(a, tl.trans(wt.to(tl.bfloat16)), acc, EMULATE)
+        wt = dequant_tile(down, tabs, row_off, F, k0, FMT, BK).to(tl.bfloat16)
+        acc = bf16_dot(a, tl.trans(wt), acc, EMULATE)
     ymask = valid[:, None] & (rn[None, :] < D)
     tl.store(y + rows.to(tl.int64)[:, None] * D + rn[None, :], acc, mask=ymask)
 
@@ -208,13 +220,14 @@ def moe_prefill(
     up: QTensor,
     down: QTensor,
     clamp: float,
-    grid: torch.Tensor,
+    tabs: torch.Tensor,
     cfg: dict | None = None,
 ) -> torch.Tensor:
     """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two).
 
     `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
     _check(x, ids, weights, gate, up, down)
+    gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
     n_exp, n_ff, dim = gate.shape
     if dim % 64 or n_ff % 64:
@@ -222,20 +235,18 @@ def moe_prefill(
     cfg = cfg or moe_prefill_config(n_tok * k, n_exp)
     bm, bk = cfg["BM"], cfg["BK"]
     order, tiles = expert_tiles(ids, n_exp, bm)  # one host sync: the grid size
-    n_tiles, n_slots, emulate = tiles.shape[0], n_tok * k, emulate_bf16()
+    n_tiles, n_slots, emulate = tiles.shape[0], n_tok * k, interpreting()
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], EMULATE=emulate)
     h = torch.empty(n_slots, n_ff, dtype=torch.bfloat16, device=x.device)
     _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, cfg["BN_GU"]))](
         x.to(torch.bfloat16), order, weights.reshape(-1).contiguous(), tiles, gate.data, up.data,
-        grid, h, n_ff, dim, gate.data.shape[-1], float(clamp),
-        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk,
-        GS=group_size(gate.qtype, bk), **launch,
+        tabs, h, n_ff, dim, gate.data.shape[-1], float(clamp),
+        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk, **launch,
     )  # fmt: skip
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
     _grouped_down_kernel[(n_tiles, triton.cdiv(dim, cfg["BN_DOWN"]))](
-        h, tiles, down.data, grid, y, dim, n_ff, down.data.shape[-1],
-        FMT=int(down.qtype), BM=bm, BN=cfg["BN_DOWN"], BK=bk,
-        GS=group_size(down.qtype, bk), **launch,
+        h, tiles, down.data, tabs, y, dim, n_ff, down.data.shape[-1],
+        FMT=int(down.qtype), BM=bm, BN=cfg["BN_DOWN"], BK=bk, **launch,
     )  # fmt: skip
     per_slot = torch.empty_like(y)
     per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
@@ -250,7 +261,7 @@ def moe_ref(
     up: QTensor,
     down: QTensor,
     clamp: float,
-    grid: torch.Tensor | None = None,
+    tabs: torch.Tensor | None = None,
     cfg: dict | None = None,
 ) -> torch.Tensor:
     """Torch reference with the launchers' signature (float32 throughout)."""

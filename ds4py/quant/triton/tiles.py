@@ -1,9 +1,9 @@
-"""Dequantize a [rows, BK] tile of a GGUF-encoded weight inside a Triton kernel.
+"""Shared Triton pieces: tables, bit tricks, and the k-order dequantized tile used by GEMMs.
 
-Owns: per-format decoding of raw block bytes to float32 registers, shaped [BN, BK // GS, GS]
-where GS is the format's scale-group size (`group_size`), so callers can reduce per group.
-Does not own: any matmul or launch logic. Decoding follows MODEL.md §5.5 and gives exactly the
-values of ds4py/quant/formats.py (up to FMA contraction in the final scale/min step).
+Owns: the IQ2_XXS grid / sign tables as device tensors, int->float and dp4a helpers, and
+`dequant_tile`, which decodes rows of a *split-layout* weight (ds4py/quant/formats.py
+`split_rows`) for columns k0..k0+BK into float32 [BN, BK] in column order (MODEL.md §5.5).
+Does not own: decode-time dot products (rowdot.py) or any launch logic.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as GQ
 
-from ds4py.quant.formats import IQ2XXS_GRID
+from ds4py.quant.formats import IQ2XXS_GRID, QTensor
 
-# ggml type ids used as the FMT constexpr of every kernel
-F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS = 0, 1, 30, 8, 10, 12, 16
 SUPPORTED = (GQ.F32, GQ.F16, GQ.BF16, GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS)
-# elements that share one scale (the innermost tile dim); float formats use the whole tile
-_GROUP = {GQ.Q8_0: 32, GQ.Q4_K: 32, GQ.Q2_K: 16, GQ.IQ2_XXS: 8}
+INT8_PATH = (GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS)  # decode dots use int8 activations and dp4a
 
 
 def interpreting() -> bool:
@@ -29,119 +26,137 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def group_size(qtype: GQ, bk: int) -> int:
-    return _GROUP.get(qtype, bk)
+def tables(device: torch.device | str) -> torch.Tensor:
+    """int64 [384]: IQ2_XXS grid (256 entries, byte k = magnitude k), then the 128 sign
+    patterns expanded to bytes 0x00 / 0xFF (bit 7 makes the count of minus signs even)."""
+    signs = []
+    for i in range(128):
+        mask = i | ((bin(i).count("1") & 1) << 7)
+        signs.append(sum(0xFF << (8 * k) for k in range(8) if mask >> k & 1))
+    vals = torch.tensor([*IQ2XXS_GRID, *signs], dtype=torch.uint64)
+    return vals.view(torch.int64).to(device)
 
 
-def grid_table(device: torch.device | str) -> torch.Tensor:
-    """IQ2_XXS magnitudes as int64 [256] (byte k = element k), passed to every kernel."""
-    return torch.tensor(IQ2XXS_GRID, dtype=torch.int64, device=device)
+def prepared(w: QTensor) -> QTensor:
+    """The layout the kernels read: split for block formats, contiguous."""
+    return w.split().contiguous()
 
 
 @triton.jit
-def _u2f(q):
-    # int32 in [0, 2**23) -> float32 exactly; avoids the quarter-rate int->float convert
+def u2f(q):
+    # int32 in [0, 2**23) -> float32 exactly; avoids the slow int->float convert
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _f16_at(ptr):
+def f16_at(ptr):
     return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
 
 
 @triton.jit
+def dp4a(a, b, EMULATE: tl.constexpr):
+    """Sum of the four signed-byte products of int32 words a and b (broadcast together)."""
+    a, b = tl.broadcast(a, b)
+    if EMULATE:  # the interpreter runs no PTX; same integer result
+        s = tl.zeros(a.shape, dtype=tl.int32)
+        for j in tl.static_range(4):
+            s += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+    else:
+        s = tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return s
+
+
+# ---- k-order tiles (GEMM) --------------------------------------------------------------------
+
+
+@triton.jit
 def _tile_float(w, row_off, k0, BK: tl.constexpr, DT: tl.constexpr):
-    k = k0 + tl.arange(0, BK)
-    ptr = (w + row_off[:, None]).to(tl.pointer_type(DT)) + k[None, :]
-    return tl.load(ptr).to(tl.float32)[:, None, :]  # [BN, 1, BK]
+    ptr = (w + row_off[:, None]).to(tl.pointer_type(DT)) + k0 + tl.arange(0, BK)[None, :]
+    return tl.load(ptr).to(tl.float32)
 
 
 @triton.jit
-def _tile_q8_0(w, row_off, k0, BK: tl.constexpr):
+def _tile_q8_0(w, row_off, K, k0, BK: tl.constexpr):
+    q = tl.load(w + row_off[:, None, None] + k0 + tl.arange(0, BK // 32)[None, :, None] * 32
+                + tl.arange(0, 32)[None, None, :]).to(tl.int32)  # fmt: skip
     blk = k0 // 32 + tl.arange(0, BK // 32)
-    boff = row_off[:, None] + blk.to(tl.int64)[None, :] * 34  # [BN, G]
-    d = _f16_at(w + boff)
-    q = tl.load(w + boff[:, :, None] + 2 + tl.arange(0, 32)[None, None, :]).to(tl.int32)
-    # signed byte q: (q ^ 0x80) = q + 128 in [0, 256)
-    qf = ((q ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-    return qf * d[:, :, None]
+    d = f16_at(w + row_off[:, None] + K + 2 * blk[None, :])
+    qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # stored q ^ 0x80 = q + 128
+    t = qf * d[:, :, None]
+    return tl.reshape(t, (row_off.shape[0], BK))
 
 
 @triton.jit
-def _tile_q4_k(w, row_off, k0, BK: tl.constexpr):
-    sj = k0 // 32 + tl.arange(0, BK // 32)  # global sub-block index
-    j = sj % 8
-    boff = row_off[:, None] + (sj // 8).to(tl.int64)[None, :] * 144  # [BN, G]
-    d = _f16_at(w + boff)
-    dmin = _f16_at(w + boff + 2)
+def _tile_q4_k(w, row_off, K, k0, BK: tl.constexpr):
+    sj = k0 // 32 + tl.arange(0, BK // 32)  # global 32-element sub-block
+    b, j = sj // 8, sj % 8
+    sc_base = w + row_off[:, None] + K // 2 + 12 * b[None, :]  # [BN, G]
     j4 = (j % 4)[None, :]
-    a = tl.load(w + boff + 4 + j4).to(tl.int32)  # b[j % 4]
-    c = tl.load(w + boff + 8 + j4).to(tl.int32)  # b[4 + j % 4]
-    e = tl.load(w + boff + 8 + j[None, :]).to(tl.int32)  # b[j + 4]
+    a = tl.load(sc_base + j4).to(tl.int32)
+    c = tl.load(sc_base + 4 + j4).to(tl.int32)
+    e = tl.load(sc_base + 4 + j[None, :]).to(tl.int32)
     low = j[None, :] < 4
     sc = tl.where(low, a & 63, (e & 15) | ((a >> 6) << 4))
     mn = tl.where(low, c & 63, (e >> 4) | ((c >> 6) << 4))
-    qoff = 16 + 32 * (j // 2)
-    qb = tl.load(w + boff[:, :, None] + qoff[None, :, None] + tl.arange(0, 32)[None, None, :])
+    dm = w + row_off[:, None] + K // 2 + 12 * (K // 256) + 4 * b[None, :]
+    scale = f16_at(dm) * sc.to(tl.float32)
+    mins = f16_at(dm + 2) * mn.to(tl.float32)
+    qoff = 128 * b + 32 * (j // 2)
+    qb = tl.load(w + row_off[:, None, None] + qoff[None, :, None] + tl.arange(0, 32)[None, None, :])
     q = (qb.to(tl.int32) >> (4 * (j % 2))[None, :, None]) & 15
-    scale = d * sc.to(tl.float32)
-    mins = dmin * mn.to(tl.float32)
-    return scale[:, :, None] * _u2f(q) - mins[:, :, None]
+    t = scale[:, :, None] * u2f(q) - mins[:, :, None]
+    return tl.reshape(t, (row_off.shape[0], BK))
 
 
 @triton.jit
-def _tile_q2_k(w, row_off, k0, BK: tl.constexpr):
-    gs = k0 // 16 + tl.arange(0, BK // 16)  # global 16-element sub-block index
-    s = gs % 16
-    boff = row_off[:, None] + (gs // 16).to(tl.int64)[None, :] * 84  # [BN, G]
-    d = _f16_at(w + boff + 80)
-    dmin = _f16_at(w + boff + 82)
-    sc = tl.load(w + boff + s[None, :]).to(tl.int32)
-    # element 16s+l sits in byte 32*(s//8) + 16*(s%2) + l at bit plane (s%8)//2
-    qoff = 16 + 32 * (s // 8) + 16 * (s % 2)
-    qb = tl.load(w + boff[:, :, None] + qoff[None, :, None] + tl.arange(0, 16)[None, None, :])
+def _tile_q2_k(w, row_off, K, k0, BK: tl.constexpr):
+    gs = k0 // 16 + tl.arange(0, BK // 16)  # global 16-element sub-block
+    b, s = gs // 16, gs % 16
+    sc = tl.load(w + row_off[:, None] + K // 4 + 16 * b[None, :] + s[None, :]).to(tl.int32)
+    dm = w + row_off[:, None] + K // 4 + 16 * (K // 256) + 4 * b[None, :]
+    scale = f16_at(dm) * (sc & 15).to(tl.float32)
+    mins = f16_at(dm + 2) * (sc >> 4).to(tl.float32)
+    # element 16s+l: byte 32*(s//8) + 16*(s%2) + l of the block's quants, bit plane (s%8)//2
+    qoff = 64 * b + 32 * (s // 8) + 16 * (s % 2)
+    qb = tl.load(w + row_off[:, None, None] + qoff[None, :, None] + tl.arange(0, 16)[None, None, :])
     q = (qb.to(tl.int32) >> (2 * ((s % 8) // 2))[None, :, None]) & 3
-    scale = d * (sc & 15).to(tl.float32)
-    mins = dmin * (sc >> 4).to(tl.float32)
-    return scale[:, :, None] * _u2f(q) - mins[:, :, None]
+    t = scale[:, :, None] * u2f(q) - mins[:, :, None]
+    return tl.reshape(t, (row_off.shape[0], BK))
 
 
 @triton.jit
-def _tile_iq2_xxs(w, grid, row_off, k0, BK: tl.constexpr):
-    go = k0 // 8 + tl.arange(0, BK // 8)  # global octet index (8 weights share a grid entry)
-    o = go % 32
-    g = o // 4
-    sub = (o % 4)[None, :]
-    boff = row_off[:, None] + (go // 32).to(tl.int64)[None, :] * 66  # [BN, G]
-    d = _f16_at(w + boff)
-    gidx = tl.load(w + boff + 2 + (8 * g + o % 4)[None, :])
-    wptr = (w + boff + 6 + 8 * g[None, :]).to(tl.pointer_type(tl.uint16))
-    bw = tl.load(wptr).to(tl.uint32) | (tl.load(wptr + 1).to(tl.uint32) << 16)
-    db = d * (0.5 + (bw >> 28).to(tl.float32)) * 0.25
-    sidx = ((bw >> (7 * sub).to(tl.uint32)) & 127).to(tl.int32)
-    par = sidx ^ (sidx >> 4)
-    par = par ^ (par >> 2)
-    par = par ^ (par >> 1)
-    mask = sidx | ((par & 1) << 7)  # 8th sign makes the count of minus signs even
-    g64 = tl.load(grid + gidx.to(tl.int32))  # int64 [BN, G]
-    k = tl.arange(0, 8)
-    mag = ((g64[:, :, None] >> (8 * k).to(tl.int64)[None, None, :]) & 255).to(tl.int32)
-    v = db[:, :, None] * _u2f(mag)
-    neg = ((mask[:, :, None] >> k[None, None, :]) & 1) != 0
-    return tl.where(neg, -v, v)
+def _tile_iq2_xxs(w, tabs, row_off, K, k0, BK: tl.constexpr):
+    go = k0 // 8 + tl.arange(0, BK // 8)  # global octet (8 weights share a grid entry)
+    b, o = go // 32, go % 32
+    g, sub = o // 4, (o % 4)[None, :]
+    wbase = w + row_off[:, None] + 64 * b[None, :] + 8 * g[None, :]  # [BN, G] group words
+    gidx = tl.load(wbase + sub)
+    sw = tl.load((wbase + 4).to(tl.pointer_type(tl.int32))).to(tl.uint32)
+    db = f16_at(w + row_off[:, None] + K // 4 + 2 * b[None, :]) * (0.5 + (sw >> 28).to(tl.float32))
+    db = db * 0.25
+    sidx = ((sw >> (7 * sub).to(tl.uint32)) & 127).to(tl.int32)
+    mag = tl.load(tabs + gidx.to(tl.int32))  # int64: 8 magnitudes
+    sgn = tl.load(tabs + 256 + sidx)  # int64: 8 bytes 0x00 / 0xFF
+    k8 = (8 * tl.arange(0, 8)).to(tl.int64)[None, None, :]
+    m = ((mag[:, :, None] >> k8) & 255).to(tl.int32)
+    neg = ((sgn[:, :, None] >> k8) & 1) != 0
+    v = db[:, :, None] * u2f(m)
+    return tl.reshape(tl.where(neg, -v, v), (row_off.shape[0], BK))
 
 
 @triton.jit
-def dequant_tile(w, grid, row_off, k0, FMT: tl.constexpr, BK: tl.constexpr):
-    """float32 [BN, BK // GS, GS] of rows `row_off` (byte offsets), columns k0 .. k0+BK."""
+def dequant_tile(w, tabs, row_off, K, k0, FMT: tl.constexpr, BK: tl.constexpr):
+    """float32 [BN, BK]: rows at byte offsets `row_off`, columns k0 .. k0+BK (split layout)."""
     if FMT == 8:
-        t = _tile_q8_0(w, row_off, k0, BK)
+        t = _tile_q8_0(w, row_off, K, k0, BK)
     elif FMT == 12:
-        t = _tile_q4_k(w, row_off, k0, BK)
+        t = _tile_q4_k(w, row_off, K, k0, BK)
     elif FMT == 10:
-        t = _tile_q2_k(w, row_off, k0, BK)
+        t = _tile_q2_k(w, row_off, K, k0, BK)
     elif FMT == 16:
-        t = _tile_iq2_xxs(w, grid, row_off, k0, BK)
+        t = _tile_iq2_xxs(w, tabs, row_off, K, k0, BK)
     elif FMT == 1:
         t = _tile_float(w, row_off, k0, BK, tl.float16)
     elif FMT == 30:
@@ -152,27 +167,25 @@ def dequant_tile(w, grid, row_off, k0, FMT: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(w, grid, out, K, RB, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _dequant_kernel(w, tabs, out, K, RB, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
-    t = tl.reshape(dequant_tile(w, grid, rows.to(tl.int64) * RB, k0, FMT, BK), (BN, BK))
+    t = dequant_tile(w, tabs, rows.to(tl.int64) * RB, K, k0, FMT, BK)
     tl.store(out + rows.to(tl.int64)[:, None] * K + k0 + tl.arange(0, BK)[None, :], t)
 
 
-def dequantize(data: torch.Tensor, qtype: GQ, ncols: int, grid: torch.Tensor) -> torch.Tensor:
-    """uint8 [rows, row_bytes] -> float32 [rows, ncols] through `dequant_tile` (tests, tools)."""
-    qtype = GQ(qtype)
-    if qtype not in SUPPORTED or data.dtype != torch.uint8 or data.ndim != 2:
-        raise ValueError(
-            f"dequantize: need uint8 [rows, row_bytes] of a supported type, got {qtype}"
-        )
-    rows = data.shape[0]
+def dequantize(w: QTensor, tabs: torch.Tensor) -> torch.Tensor:
+    """float32 [rows, cols] of a 2-D weight through `dequant_tile` (tests, tools)."""
+    if w.qtype not in SUPPORTED or len(w.shape) != 2:
+        raise ValueError(f"dequantize: need a 2-D supported weight, got {w.qtype.name} {w.shape}")
+    w = prepared(w)
+    rows, cols = w.shape
     bn = 1
     while bn < 16 and rows % (bn * 2) == 0:
         bn *= 2
-    bk = 256 if ncols % 256 == 0 else 32
-    out = torch.empty(rows, ncols, dtype=torch.float32, device=data.device)
-    _dequant_kernel[(rows // bn, ncols // bk)](
-        data.contiguous(), grid, out, ncols, data.shape[1], FMT=int(qtype), BN=bn, BK=bk
+    bk = 256 if cols % 256 == 0 else 32
+    out = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
+    _dequant_kernel[(rows // bn, cols // bk)](
+        w.data, tabs, out, cols, w.data.shape[-1], FMT=int(w.qtype), BN=bn, BK=bk
     )
     return out
