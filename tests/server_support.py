@@ -124,7 +124,7 @@ class FakeSession:
 
     def _logits(self) -> torch.Tensor:
         tok = self.engine.tokenizer
-        out = torch.zeros(tok.vocab_size)
+        out = torch.full((tok.vocab_size,), -torch.inf)
         starts = [i for i, t in enumerate(self.tokens) if t == tok.assistant_id]
         target = tok.eos_id
         if starts and starts[-1] + 1 < len(self.tokens):
@@ -132,7 +132,7 @@ class FakeSession:
             reply, made = self.engine.reply_ids(self.tokens[:cut]), self.tokens[cut:]
             if reply[: len(made)] == made and len(made) < len(reply):
                 target = reply[len(made)]
-        out[target] = 40.0  # every other token is far below min_p and top_p cut-offs
+        out[target] = 0.0  # the only finite logit: any sampling settings pick it
         return out
 
 

@@ -102,6 +102,7 @@ def test_bad_responses_requests(client, body, needle):
 def test_completions_need_a_prompt(client):
     assert_openai_error(client.post("/v1/completions", json={"model": "m"}), 400, "prompt")
     assert_openai_error(client.post("/v1/completions", json={"prompt": [1, 2]}), 400, "prompt")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": []}), 400, "prompt")
 
 
 def test_unknown_endpoint_and_method(client):

@@ -119,14 +119,12 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def completion_prompt(req: CompletionRequest) -> str:
-    p = req.prompt
-    if p is None:
-        raise APIError(400, "missing prompt", param="prompt")
-    if isinstance(p, str):
-        return p
-    if p and isinstance(p[0], str):
-        return p[0]
-    raise APIError(400, "prompt must be a string or an array of strings", param="prompt")
+    """A string, or the first string of an array (one completion per request)."""
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if not req.prompt:
+        raise APIError(400, "prompt must not be an empty array", param="prompt")
+    return req.prompt[0]
 
 
 # ---- Response side ---------------------------------------------------------------------------

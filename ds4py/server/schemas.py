@@ -7,7 +7,7 @@ meaning of each field is applied in openai.py, anthropic.py and responses.py, no
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +42,7 @@ class ChatToolCall(Loose):
 
 
 class ChatMessage(Loose):
-    role: str = "user"
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = "user"
     content: Content = None
     reasoning_content: Content = None
     tool_call_id: str | None = None
@@ -93,7 +93,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | None = None
+    prompt: str | list[str]
 
 
 # ---- Anthropic Messages ----------------------------------------------------------------------
@@ -111,7 +111,7 @@ class AnthropicBlock(Loose):
 
 
 class AnthropicMessage(Loose):
-    role: str
+    role: Literal["user", "assistant"]
     content: str | list[AnthropicBlock] | None = None
 
 
