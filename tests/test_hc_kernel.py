@@ -7,7 +7,8 @@ import torch
 
 triton = pytest.importorskip("triton")  # interpreter mode on CPU: see conftest.py
 
-from ds4py.quant.triton.hc import hc_pre, hc_pre_ref  # noqa: E402
+from ds4py.quant.ref import hc_pre as hc_pre_ref  # noqa: E402
+from ds4py.quant.triton.hc import hc_pre  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -187,21 +187,13 @@ class Block:
 
     # ---- mHC (MODEL.md §2.4) ----
     def hc_pre(self, X: Tensor, fn: QTensor, scale: Tensor, base: Tensor):
-        hc, eps = self.shape.hc_mult, self.shape.hc_eps
-        z = rms_norm(X.flatten(1), None, self.shape.norm_eps)  # [T, hc*D]
-        scales = torch.cat(
-            (scale[0:1].expand(hc), scale[1:2].expand(hc), scale[2:3].expand(hc * hc))
-        )
-        v = self.ops.linear(z, fn) * scales + base
-        pre = torch.sigmoid(v[:, :hc]) + eps
-        post = 2 * torch.sigmoid(v[:, hc : 2 * hc])
-        comb = torch.softmax(v[:, 2 * hc :].unflatten(-1, (hc, hc)), dim=-1) + eps
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
-        for _ in range(self.shape.hc_sinkhorn_iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + eps)
-        u = (pre[:, :, None] * X).sum(1)  # [T, D]
-        return u, post, comb
+        """Collapse the streams: (u [T, D], post [T, hc], comb [T, hc, hc]), Sinkhorn included.
+
+        The projection runs on the raw streams and the mHC input norm scales its 24 outputs
+        (the same product; one fused kernel then does the rest)."""
+        s = self.shape
+        v = self.ops.linear(X.flatten(1), fn)  # [T, (2+hc)*hc]
+        return self.ops.hc_pre(X, v, scale, base, s.norm_eps, s.hc_eps, s.hc_sinkhorn_iters)
 
     @staticmethod
     def hc_post(X: Tensor, y: Tensor, post: Tensor, comb: Tensor) -> Tensor:

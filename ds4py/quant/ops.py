@@ -57,3 +57,7 @@ class Ops:
     ) -> torch.Tensor:
         """Routed experts: x [T, D], ids/weights [T, k]; gate/up (E, F, D), down (E, D, F)."""
         return ref.moe(x, ids, weights, gate, up, down, clamp)
+
+    def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
+        """mHC pre from the unnormalised mixing logits v = fn . X_flat: (u, post, comb)."""
+        return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)

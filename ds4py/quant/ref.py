@@ -1,4 +1,5 @@
-"""Torch reference for the weight math: dense linear and routed MoE on `QTensor` weights.
+"""Torch reference for the weight math: dense linear and routed MoE on `QTensor` weights,
+and the fused-kernel regions (mHC pre).
 
 Owns: the float32 semantics every backend must reproduce (the CPU backend *is* this file; the
 Triton kernels are tested against it). Does not own: backend choice (ds4py/quant/ops.py) or
@@ -115,3 +116,23 @@ def moe(
         h = swiglu(xe @ dense_weight(gate[e]).T, xe @ dense_weight(up[e]).T, clamp)
         slots[sel] = (h * flat_w[sel, None]) @ dense_weight(down[e]).T
     return slots.view(n_tok, k, -1).sum(dim=1)
+
+
+# ---- mHC pre (MODEL.md §2.4): the small control math around the 24-row projection ----
+
+
+def hc_pre(X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
+    """X [T, hc, D], v [T, (2+hc)*hc] = fn . X_flat (unnormalised) -> u [T, D], post [T, hc],
+    comb [T, hc, hc]."""
+    hc = X.shape[1]
+    r = torch.rsqrt(X.flatten(1).pow(2).mean(-1, keepdim=True) + norm_eps)  # the mHC input norm
+    scales = torch.cat((scale[0:1].expand(hc), scale[1:2].expand(hc), scale[2:3].expand(hc * hc)))
+    v = v * r * scales + base
+    pre = torch.sigmoid(v[:, :hc]) + hc_eps
+    post = 2 * torch.sigmoid(v[:, hc : 2 * hc])
+    comb = torch.softmax(v[:, 2 * hc :].unflatten(-1, (hc, hc)), dim=-1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    return (pre[:, :, None] * X).sum(1), post, comb

@@ -3,8 +3,8 @@
 Given the 24 mixing logits `v = fn . X_flat` (the unnormalised projection, one GEMV/GEMM
 before this), a program per token computes the RMS of its 4x4096 streams, the pre/post
 weights, the 20-iteration Sinkhorn of the 4x4 combine matrix, and the collapsed sublayer
-input u = sum_h pre_h X_h. The torch reference `hc_pre_ref` has the same signature and is
-what the CPU runs; it is written straight from the spec.
+input u = sum_h pre_h X_h. The torch reference (`ds4py.quant.ref.hc_pre`) has the same
+signature and is what the CPU runs.
 """
 
 from __future__ import annotations
@@ -13,22 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def hc_pre_ref(X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
-    """X [T, hc, D], v [T, (2+hc)*hc] = fn . X_flat (unnormalised) -> u [T, D], post [T, hc],
-    comb [T, hc, hc]."""
-    hc = X.shape[1]
-    r = torch.rsqrt(X.flatten(1).pow(2).mean(-1, keepdim=True) + norm_eps)  # the mHC input norm
-    scales = torch.cat((scale[0:1].expand(hc), scale[1:2].expand(hc), scale[2:3].expand(hc * hc)))
-    v = v * r * scales + base
-    pre = torch.sigmoid(v[:, :hc]) + hc_eps
-    post = 2 * torch.sigmoid(v[:, hc : 2 * hc])
-    comb = torch.softmax(v[:, 2 * hc :].unflatten(-1, (hc, hc)), dim=-1) + hc_eps
-    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-    return (pre[:, :, None] * X).sum(1), post, comb
+from ds4py.quant.ref import hc_pre as hc_pre_ref  # noqa: F401  (the reference, same signature)
 
 
 @triton.jit
