@@ -1,9 +1,10 @@
-"""A scripted stand-in for `ds4py.Engine` used by the server tests.
+"""Server test support: a scripted stand-in for `ds4py.Engine`, and a live uvicorn runner.
 
-Implements the Engine/Session interface of COMMON.md with the real tokenizer. Its logits spell
-out a reply chosen by a script from the rendered prompt (reasoning, text, DSML tool calls), so
-tool-call and thinking paths are deterministic; it counts evaluated tokens so tests can check
-prefix reuse, and can sleep per token to test keepalive, queueing and disconnects.
+FakeEngine implements the Engine/Session interface of COMMON.md with the real tokenizer. Its
+logits spell out a reply chosen by a script from the rendered prompt (reasoning, text, DSML tool
+calls), so tool-call and thinking paths are deterministic; it counts evaluated tokens so tests
+can check prefix reuse, can sleep per token (keepalive, queueing, disconnects) and can fail on
+demand. LiveServer runs an app on 127.0.0.1 and an OS-chosen port.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def default_script(prompt: str) -> str:
 
 class FakeEngine:
     def __init__(self, script: Callable[[str], str] = default_script,
-                 tokenizer: Tokenizer | None = None, delay: float = 0.0, chunk: int = 64):  # fmt: skip
+                 tokenizer: Tokenizer | None = None, delay: float = 0.0, chunk: int = 64,
+                 fail_marker: str | None = None):  # fmt: skip
         self.tokenizer = tokenizer or Tokenizer.default()
         self.shape = SimpleNamespace(n_vocab=self.tokenizer.vocab_size, context_length=1 << 20)
         self.fingerprint = b"fake-engine-v1"
@@ -52,6 +54,7 @@ class FakeEngine:
         self.delay = delay  # seconds per evaluated token
         self.chunk = chunk  # prefill chunk size (progress callbacks above it)
         self.evaluated = 0  # tokens pushed through the "model", prefill and decode
+        self.fail_marker = fail_marker  # a prompt containing it fails after its first chunk
         self._replies: dict[tuple[int, ...], list[int]] = {}
 
     def new_session(self, ctx: int | None = None) -> FakeSession:
@@ -88,9 +91,13 @@ class FakeSession:
             return self.logits
         self.rewind(min(common, len(ids) - 1))
         rest, done, chunk = ids[self.pos :], 0, self.engine.chunk
+        marker = self.engine.fail_marker
+        doomed = marker is not None and marker in self.engine.tokenizer.decode(ids)
         if progress and len(rest) > chunk:
             progress(0, len(rest))
         while done < len(rest):
+            if doomed and done:
+                raise RuntimeError("simulated engine failure")
             part = rest[done : done + chunk]
             self._push(part)
             done += len(part)

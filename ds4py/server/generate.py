@@ -153,7 +153,7 @@ def generate(session, tok, job: Job, usage: Usage,
     finish, stop, error = "length", None, None
     for _ in range(max(0, min(job.max_tokens, session.ctx - 1 - session.pos))):
         if job.cancel.is_set():
-            finish, error = "error", "client disconnected"
+            finish, error = "error", "generation cancelled"
             break
         before_token()
         token = sampler.sample(logits, greedy=forcing is not None and forcing.greedy)

@@ -83,6 +83,8 @@ class Worker:
         self.binding: Binding | None = None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
+        self.stopping = threading.Event()
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="ds4py-worker", daemon=True)
         if store is not None:
             self._load_tool_ids()
@@ -95,13 +97,20 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        if self.stopping.is_set():
+            job.sink(Failed(APIError(503, "server shutting down", "overloaded_error")))
+        else:
+            self.jobs.put(job)
 
     def pending(self) -> int:
         return self.jobs.qsize() + int(self.busy)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Drain queued jobs, then save the live session for the next start (reason shutdown)."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """End the running generation, refuse the queued jobs, save the live session (shutdown)."""
+        self.stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel.set()
         self.jobs.put(None)
         self._thread.join(timeout)
 
@@ -109,15 +118,18 @@ class Worker:
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
-            self.busy = True
+            self.busy, self._current = True, job
             try:
                 self._serve(job)
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
         if self.policy is not None:
             self._save(self.policy.shutdown(self.session.pos))
 
     def _serve(self, job: Job) -> None:
+        if self.stopping.is_set():
+            job.sink(Failed(APIError(503, "server shutting down", "overloaded_error")))
+            return
         if job.cancel.is_set():
             return
         try:
@@ -127,8 +139,9 @@ class Worker:
             log.info("client went away during prefill; job dropped")
         except APIError as e:
             job.sink(Failed(e))
-        except Exception as e:  # the engine failed: report it, keep serving
+        except Exception as e:  # the engine failed: report it, start clean, keep serving
             log.exception("generation failed")
+            self.session, self.binding = self.engine.new_session(self.ctx), None
             job.sink(Failed(APIError(500, f"generation failed: {e}", "server_error")))
 
     def _execute(self, job: Job):
@@ -228,7 +241,6 @@ class Worker:
                 decision.n_tokens,
                 self.session.snapshot,
                 decision.reason,
-                ctx=self.ctx,
                 extra=self._tool_extra(key),
             )
             self.policy.saved(decision)
