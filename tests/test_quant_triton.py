@@ -98,7 +98,7 @@ def test_gemm(qtype, m, groups):
     assert _rel(gemm(x, w, GRID), gemm_ref(x, w)) < 1e-2
 
 
-def _experts(gate_t, down_t, n_exp=6, n_ff=256, dim=256):
+def _experts(gate_t, down_t, n_exp=6, n_ff=256, dim=512):
     gate = _weight(gate_t, (n_exp, n_ff, dim), 1)
     up = _weight(gate_t, (n_exp, n_ff, dim), 2)
     down = _weight(down_t, (n_exp, dim, n_ff), 3)
@@ -115,7 +115,7 @@ def _routing(n_tok, n_exp, k, seed):
 @pytest.mark.parametrize("n_tok", [1, 2])
 def test_moe_decode(gate_t, down_t, n_tok):
     gate, up, down = _experts(gate_t, down_t)
-    x = _randn(n_tok, 256, seed=5)
+    x = _randn(n_tok, 512, seed=5)
     ids, wts = _routing(n_tok, 6, 2, seed=n_tok)
     got = moe_decode(x, ids, wts, gate, up, down, 1.0, GRID)
     want = moe_ref(x, ids, wts, gate, up, down, 1.0)
@@ -126,7 +126,7 @@ def test_moe_decode(gate_t, down_t, n_tok):
 @pytest.mark.parametrize("gate_t,down_t", EXPERTS)
 def test_moe_prefill(gate_t, down_t):
     gate, up, down = _experts(gate_t, down_t)
-    x = _randn(11, 256, seed=6)
+    x = _randn(11, 512, seed=6)
     ids, wts = _routing(11, 6, 3, seed=7)
     got = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)
     assert _rel(got, moe_ref(x, ids, wts, gate, up, down, 1.0)) < 2e-2
@@ -143,10 +143,21 @@ def test_backend_dispatch_matches_reference():
     gate, up, down = _experts(GQ.IQ2_XXS, GQ.Q2_K, n_exp=4)
     gate, up, down = (fast.prepare(t) for t in (gate, up, down))
     for n_tok, tol in ((2, 3e-2), (10, 2e-2)):
-        x = _randn(n_tok, 256, seed=3)
+        x = _randn(n_tok, 512, seed=3)
         ids, wts = _routing(n_tok, 4, 2, seed=4)
         got = fast.moe(x, ids, wts, gate, up, down, 10.0)
         assert _rel(got, slow.moe(x, ids, wts, gate, up, down, 10.0)) < tol
+
+
+def test_backend_falls_back_where_no_kernel_fits():
+    # IQ2_XXS rows of 256 values are 66 bytes: no aligned word loads, so the reference runs
+    fast, slow = TritonOps(DEV), Ops(DEV)
+    w = fast.prepare(_weight(GQ.IQ2_XXS, (32, 256), 5))
+    assert not tiles.kernel_ok(w)
+    x = _randn(3, 256, seed=1)
+    assert torch.equal(fast.linear(x, w), slow.linear(x, w))
+    with pytest.raises(ValueError, match="no kernel"):
+        gemv(x, w, GRID)
 
 
 def test_launcher_errors():
@@ -160,5 +171,5 @@ def test_launcher_errors():
     gate, up, down = _experts(GQ.Q8_0, GQ.Q8_0, n_exp=2)
     ids, wts = _routing(1, 2, 2, seed=0)
     with pytest.raises(ValueError, match="types differ"):
-        moe_decode(_randn(1, 256, seed=0), ids, wts, gate, _experts(GQ.Q4_K, GQ.Q4_K, 2)[1],
+        moe_decode(_randn(1, 512, seed=0), ids, wts, gate, _experts(GQ.Q4_K, GQ.Q4_K, 2)[1],
                    down, 1.0, GRID)  # fmt: skip

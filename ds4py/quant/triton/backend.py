@@ -16,7 +16,7 @@ from ds4py.quant.ops import Ops
 from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
 from ds4py.quant.triton.moe import moe_decode, moe_prefill
-from ds4py.quant.triton.tiles import SUPPORTED, prepared, tables
+from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
 
 
 class TritonOps(Ops):
@@ -33,7 +33,7 @@ class TritonOps(Ops):
 
     def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
         ref.check_linear(x, w)
-        if w.qtype not in SUPPORTED or w.qtype == GQ.F32:
+        if not kernel_ok(w) or w.qtype == GQ.F32:
             return ref.linear(x, w)
         x = x.contiguous()
         if x.shape[0] <= MAX_TOKENS:
@@ -50,6 +50,8 @@ class TritonOps(Ops):
         down: QTensor,
         clamp: float,
     ) -> torch.Tensor:
+        if not all(kernel_ok(w) for w in (gate, up, down)):
+            return ref.moe(x, ids, weights, gate, up, down, clamp)
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)

@@ -17,7 +17,7 @@ from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.act import quantize_act
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
-from ds4py.quant.triton.tiles import INT8_PATH, SUPPORTED, interpreting, prepared
+from ds4py.quant.triton.tiles import INT8_PATH, interpreting, kernel_ok, prepared
 
 MAX_TOKENS = 8
 
@@ -92,26 +92,23 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def min_programs() -> int:
-    # ~4 programs per SM keep enough loads in flight; the interpreter wants the fewest programs
-    return 1 if interpreting() else 512
-
-
 def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int = 4096,
                 num_warps: int = 4) -> dict:  # fmt: skip
-    """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU."""
-    tile = tile if n_tok <= 4 else tile // 2
+    """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU
+    (~4 programs per SM keep enough loads in flight); the interpreter wants few, big programs."""
+    min_programs, max_bn = (1, 64) if interpreting() else (512, 16)
+    tile = tile * 8 if interpreting() else tile if n_tok <= 4 else tile // 2
     bk = _pow2_divisor(k, min(4096, tile))
-    bn = max(1, min(16, tile // bk))
-    while bn > 1 and (n // bn < min_programs() or rows_per_group % bn):
+    bn = max(1, min(max_bn, tile // bk))
+    while bn > 1 and (n // bn < min_programs or rows_per_group % bn):
         bn //= 2
     return dict(BN=bn, BK=bk, num_warps=num_warps)
 
 
 def _check(x: torch.Tensor, w: QTensor) -> int:
     """Validate and return the number of input groups."""
-    if w.qtype not in SUPPORTED or len(w.shape) != 2:
-        raise ValueError(f"unsupported weight {w.qtype.name} {w.shape}")
+    if not kernel_ok(w) or len(w.shape) != 2:
+        raise ValueError(f"no kernel for weight {w.qtype.name} {w.shape} (row alignment/type)")
     if x.dtype != torch.float32 or not x.is_contiguous() or x.ndim not in (2, 3):
         raise ValueError(f"x must be contiguous float32 [T, (G,) K], got {x.dtype} {x.shape}")
     groups = x.shape[1] if x.ndim == 3 else 1

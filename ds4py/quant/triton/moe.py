@@ -19,7 +19,7 @@ from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.gemm import bf16_dot
 from ds4py.quant.triton.gemv import act_operands, gemv_config
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
-from ds4py.quant.triton.tiles import INT8_PATH, SUPPORTED, dequant_tile, interpreting, prepared
+from ds4py.quant.triton.tiles import INT8_PATH, dequant_tile, interpreting, kernel_ok, prepared
 
 # ---- Decode ----------------------------------------------------------------------------------
 
@@ -77,8 +77,8 @@ def _moe_down_kernel(
 def _check(x, ids, weights, gate, up, down) -> None:
     ref.check_moe(x, ids, weights, gate, up, down)
     for w in (gate, up, down):
-        if w.qtype not in SUPPORTED or not w.data.is_contiguous() or w.device != x.device:
-            raise ValueError(f"moe: expert tensor {w.qtype.name} must be contiguous on {x.device}")
+        if not kernel_ok(w) or w.device != x.device:
+            raise ValueError(f"moe: no kernel for expert tensor {w.qtype.name} {w.shape} here")
     if gate.qtype != up.qtype:
         raise ValueError(f"moe: gate {gate.qtype.name} and up {up.qtype.name} types differ")
 

@@ -37,6 +37,12 @@ def tables(device: torch.device | str) -> torch.Tensor:
     return vals.view(torch.int64).to(device)
 
 
+def kernel_ok(w: QTensor) -> bool:
+    """Whether the kernels can read `w`: a supported type whose rows keep the 4-byte alignment
+    of the word loads (IQ2_XXS rows of 256 values are 66 bytes: those go to the reference)."""
+    return w.qtype in SUPPORTED and w.data.shape[-1] % 4 == 0
+
+
 def prepared(w: QTensor) -> QTensor:
     """The layout the kernels read: split for block formats, contiguous."""
     return w.split().contiguous()
