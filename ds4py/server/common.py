@@ -200,7 +200,6 @@ class ToolCall:
     id: str
     name: str
     arguments: dict  # parsed JSON object
-    raw_dsml: str = ""
 
 
 @dataclass
@@ -246,10 +245,10 @@ class ToolEnd:
 class Done:
     finish: str  # "stop" | "length" | "tool_calls" | "error"
     usage: Usage
-    text: str  # raw generated text (stop sequence removed)
-    reasoning: str | None
-    content: str
+    reasoning: str | None  # None when the turn had no thinking section
+    content: str  # completions: the raw text, reasoning included
     tool_calls: list[ToolCall]
+    raw_dsml: str = ""  # the sampled tool-call block, byte for byte, for replay
     think_closed: bool = False  # the model wrote </think>
     stop_sequence: str | None = None  # the client stop string that ended generation
     error: str | None = None

@@ -130,14 +130,13 @@ class Projection:
 
     def result(self, finish: str, usage: Usage, stop: str | None, error: str | None) -> Done:
         calls = self.calls if self.raw_dsml and self.job.tools_active else []
-        for c in calls:
-            c.raw_dsml = self.raw_dsml
         if calls and finish != "error":
             finish = "tool_calls"
         thinking = self.job.mode.thinking and not self.raw
-        return Done(finish, usage, "".join(self.content) if self.raw else "",
-                    "".join(self.reasoning) if thinking else None, "".join(self.content), calls,
-                    think_closed=thinking and not self.in_reasoning, stop_sequence=stop,
+        reasoning = "".join(self.reasoning) if thinking else None
+        return Done(finish, usage, reasoning, "".join(self.content), calls,
+                    raw_dsml=self.raw_dsml if calls else "", stop_sequence=stop,
+                    think_closed=thinking and not self.in_reasoning,
                     error=error or self.error)  # fmt: skip
 
 

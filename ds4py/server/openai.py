@@ -37,20 +37,9 @@ def content_text(content: Content) -> str:
     return "".join(p if isinstance(p, str) else (p.text or "") for p in content)
 
 
-def _arguments(raw: str | dict | None) -> dict | None:
-    if isinstance(raw, dict):
-        return raw
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError:
-        return {"arguments": raw}  # keep the text; the renderer writes it as one string
-    return value if isinstance(value, dict) else {"arguments": value}
-
-
 def chat_messages(req: ChatRequest) -> list[dict]:
-    """Normalised messages for ds4py.chat.render (calls lacking a name are dropped)."""
+    """Normalised messages for ds4py.chat.render (calls lacking a name are dropped; call
+    arguments stay as sent: ds4py.chat reads JSON strings the way the official encoder does)."""
     out = []
     for m in req.messages:
         msg: dict = {"role": m.role, "content": content_text(m.content)}
@@ -62,10 +51,10 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             msg["tool_call_id"] = m.tool_call_id or ""
         calls = []
         for c in m.tool_calls or []:
-            args = _arguments(c.function.arguments) if c.function else None
-            if c.function is None or not c.function.name or args is None:
+            if c.function is None or not c.function.name:
                 continue
-            calls.append({"id": c.id or "", "name": c.function.name, "arguments": args})
+            calls.append({"id": c.id or "", "name": c.function.name,
+                          "arguments": c.function.arguments})  # fmt: skip
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
@@ -176,7 +165,7 @@ def completion_response(done: Done, meta: Meta) -> dict:
         "created": meta.created,
         "model": meta.model,
         "choices": [
-            {"text": done.text, "index": 0, "finish_reason": done.finish, "logprobs": None}
+            {"text": done.content, "index": 0, "finish_reason": done.finish, "logprobs": None}
         ],
         "usage": done.usage.openai(),
     }

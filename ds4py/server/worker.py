@@ -141,11 +141,20 @@ class Worker:
             job.sink(Failed(e))
         except Exception as e:  # the engine failed: report it, start clean, keep serving
             log.exception("generation failed")
-            self.session, self.binding = self.engine.new_session(self.ctx), None
+            self._reset()
             job.sink(Failed(APIError(500, f"generation failed: {e}", "server_error")))
+
+    def _reset(self) -> None:
+        """Forget the live KV after a failure inside the engine (its state is suspect)."""
+        try:
+            self.session.rewind(0)
+        except Exception:
+            log.exception("session reset failed; allocating a new session")
+            self.session = self.engine.new_session(self.ctx)
 
     def _execute(self, job: Job):
         plan = self._plan(job)
+        self.binding = None  # whatever happens next, the live tokens change
         if len(plan.tokens) >= self.ctx:
             raise context_error(len(plan.tokens), self.ctx, job.param)
         old = list(self.session.tokens)
@@ -211,8 +220,8 @@ class Worker:
     def _remember(self, job: Job, done: Done) -> None:
         """Tool memory and the live binding, before the client can send its next request."""
         ids = frozenset(c.id for c in done.tool_calls)
-        if done.tool_calls and done.tool_calls[0].raw_dsml:
-            self.toolmem.put(ids, done.tool_calls[0].raw_dsml)
+        if done.raw_dsml:
+            self.toolmem.put(ids, done.raw_dsml)
         if done.finish in ("stop", "tool_calls") and done.stop_sequence is None:
             visible = job.render_visible(done) if job.render_visible else None
             self.binding = Binding(self.session.pos, ids, visible)
