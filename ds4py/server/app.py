@@ -204,11 +204,15 @@ class Server:
         return requested or self.opts.model_id
 
 
+GONE = object()  # _next_event: the client disconnected (and the job was cancelled)
+
+
 async def _next_event(ch: Channel, job: Job, request: Request, timeout: float):
-    """Next worker event; None after `timeout`. A vanished client cancels the job."""
+    """Next worker event; None after `timeout` without one; GONE once the client is gone."""
     ev = await ch.get(timeout)
     if ev is None and await request.is_disconnected():
-        job.cancel.set()
+        job.cancel.set()  # the worker skips it if still queued, else stops within a token
+        return GONE
     return ev
 
 
@@ -217,21 +221,16 @@ async def run_job(srv: Server, request: Request, job: Job, stream: bool,
     ch = Channel(asyncio.get_running_loop())
     job.sink = ch.push
     srv.worker.submit(job)
-    if not stream:
-        while True:
-            ev = await _next_event(ch, job, request, 1.0)
-            if job.cancel.is_set():
-                return Response(status_code=499)
-            if isinstance(ev, Failed):
-                raise ev.error
-            if isinstance(ev, Done):
-                return JSONResponse(body(ev))
-    while (first := await _next_event(ch, job, request, 1.0)) is None:
-        if job.cancel.is_set():
-            return Response(status_code=499)
-    if isinstance(first, Failed):
-        raise first.error
-    return EventStream(_sse(first, ch, stream_fmt, srv.opts.keepalive_s), job.cancel.set)
+    while True:
+        ev = await _next_event(ch, job, request, 1.0)
+        if ev is GONE:
+            return Response(status_code=499)  # nobody reads it; closes the exchange
+        if isinstance(ev, Failed):
+            raise ev.error
+        if stream and ev is not None:
+            return EventStream(_sse(ev, ch, stream_fmt, srv.opts.keepalive_s), job.cancel.set)
+        if isinstance(ev, Done):
+            return JSONResponse(body(ev))
 
 
 async def _sse(first, ch: Channel, fmt, keepalive: float) -> AsyncIterator[str]:
