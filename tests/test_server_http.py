@@ -167,3 +167,12 @@ def test_body_limit(engine):
         r = c.post(CHAT, content=big, headers={"content-type": "application/json"})
         assert_openai_error(r, 413, "exceeds")
         assert c.post(CHAT, json={"messages": USER}).status_code == 200
+
+
+def test_serve_without_a_model_says_how_to_get_one(tmp_path):
+    from ds4py.cli import CliError
+    from ds4py.server.app import serve
+
+    with pytest.raises(CliError, match="huggingface|hf download|Hugging Face") as e:
+        serve(ServerOptions(model=str(tmp_path / "missing.gguf")))
+    assert "--demo" in str(e.value)

@@ -437,18 +437,16 @@ def serve(args: argparse.Namespace | ServerOptions) -> int:
     from ..cli import open_engine
 
     opts = args if isinstance(args, ServerOptions) else ServerOptions.from_namespace(args)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%m%d %H:%M:%S",
-    )
+    fmt = "%(asctime)s %(name)s: %(message)s"
+    logging.basicConfig(level=opts.log_level.upper(), format=fmt, datefmt="%m%d %H:%M:%S")
     engine = open_engine(argparse.Namespace(model=opts.model, device=opts.device, demo=opts.demo))
     app = create_app(engine, opts)
-    where = f"http://{opts.host}:{opts.port}"
-    log.info(
-        "serving %s on %s (ctx %d)", "demo model" if opts.demo else opts.model, where, opts.ctx
-    )
-    uvicorn.run(
-        app, host=opts.host, port=opts.port, log_level=opts.log_level, timeout_graceful_shutdown=5
-    )
+    if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who reaches it can use it", opts.host
+        )
+    what = "the demo model" if opts.demo else opts.model
+    log.info("serving %s at http://%s:%d (ctx %d)", what, opts.host, opts.port, opts.ctx)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level,
+                timeout_graceful_shutdown=5)  # fmt: skip
     return 0
