@@ -61,6 +61,7 @@ def still_serving(client) -> None:
         b'{"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "sometimes"}}',
         b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
         b"[" * 5000 + b"]" * 5000,
+        b'{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}',
     ],
 )
 def test_bad_chat_requests_are_400(client, body):
@@ -76,6 +77,10 @@ def test_bad_chat_requests_are_400(client, body):
         ("/v1/messages", b'{"messages": [{"role": "user"}], "max_tokens": "x"}'),
         ("/v1/messages", b'{"messages": [{"role": "system", "content": "x"}]}'),
         ("/v1/messages/count_tokens", b'{"messages": 3}'),
+        (
+            "/v1/messages",
+            b'{"max_tokens": 5, "messages": [{"role": "user", "content": "\\udfff"}]}',
+        ),
     ],
 )
 def test_bad_anthropic_requests_use_anthropic_shape(client, path, body):
@@ -93,10 +98,15 @@ def test_bad_anthropic_requests_use_anthropic_shape(client, path, body):
         ({"input": "x", "conversation": "conv_1"}, "conversation"),
         ({"input": [{"role": "user", "content": [{"type": "input_video"}]}]}, "input_video"),
         ({}, "missing input"),
+        (b'{"input": "\\udc00"}', "invalid text"),
     ],
 )
 def test_bad_responses_requests(client, body, needle):
-    assert_openai_error(client.post("/v1/responses", json=body), 400, needle)
+    if isinstance(body, bytes):
+        r = client.post("/v1/responses", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/responses", json=body)
+    assert_openai_error(r, 400, needle)
 
 
 def test_completions_need_a_prompt(client):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..chat import ChatFormatError, render_segments
 from ..chat.dsml import TC_CLOSE, TC_OPEN
-from ..tokenizer import EOS
+from ..tokenizer import EOS, TokenizerError
 from . import anthropic, openai, responses
 from .common import (
     APIError,
@@ -97,9 +97,15 @@ class Prompter:
                 i += 1
         return out
 
+    def encode(self, segs: Segments) -> list[int]:
+        try:
+            return self.tok.encode_segments(segs)
+        except TokenizerError as e:  # e.g. a lone surrogate: JSON allows "\ud800"
+            raise APIError(400, f"invalid text in the request: {e}") from None
+
     def _ids(self, segs: Segments, param: str) -> tuple[str, list[int]]:
         text = "".join(t for t, _ in segs)
-        ids = self.tok.encode_segments(segs)
+        ids = self.encode(segs)
         if len(ids) >= self.opts.ctx:
             raise context_error(len(ids), self.opts.ctx, param)
         return text, ids
@@ -195,8 +201,7 @@ class Prompter:
     def count_messages(self, req: CountTokensRequest) -> int:
         mode = self._mode(req.model, *anthropic.think_controls(req))
         tools = [] if anthropic.tool_choice_none(req) else anthropic.tools(req)
-        segs = self.segments(anthropic.messages(req), tools, mode)
-        return len(self.tok.encode_segments(segs))
+        return len(self.encode(self.segments(anthropic.messages(req), tools, mode)))
 
     def responses_job(self, req: ResponsesRequest) -> tuple[Job, dict]:
         responses.check_stateless(req)
