@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from server_support import FakeEngine
 
@@ -54,3 +56,41 @@ def test_no_server_errors(api_schema, mode):
         codes = fuzz(op, mode)
         if mode is GenerationMode.POSITIVE and op.path in GENERATING:
             assert 200 in codes, op.label  # the fuzz reaches generation, not only validation
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+ITEM_TYPES = ["message", "reasoning", "function_call", "custom_tool_call", "local_shell_call",
+              "function_call_output", "custom_tool_call_output", "tool_search_output",
+              "compaction"]  # fmt: skip
+BLOCK = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text", "summary_text", "input_image"]) | JSON},
+    optional={"text": JSON | st.text(max_size=8)},
+)
+VALUE = JSON | st.lists(BLOCK | JSON, max_size=3) | st.sampled_from(["user", "assistant", "c1"])
+ITEM = st.fixed_dictionaries(
+    {"type": st.sampled_from(ITEM_TYPES) | JSON},
+    optional={k: VALUE for k in ("role", "content", "call_id", "name", "namespace", "arguments",
+                                 "input", "output", "summary", "tools", "action")},
+)  # fmt: skip
+
+
+@given(items=st.lists(ITEM, min_size=1, max_size=4))
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+def test_responses_items_never_crash(items, responses_client):
+    """Item-shaped junk (right keys, any JSON values) for the hand-written item parser."""
+    r = responses_client.post("/v1/responses", json={"input": items, "max_output_tokens": 1})
+    assert r.status_code in (200, 400), r.text
+
+
+@pytest.fixture(scope="module")
+def responses_client():
+    app = create_app(FakeEngine(lambda prompt: "ok"), ServerOptions(ctx=2048))
+    with TestClient(app) as client:
+        yield client

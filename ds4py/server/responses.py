@@ -147,14 +147,12 @@ def _blocks_text(content, where: str) -> str:
     for b in content:
         if isinstance(b, str):
             out.append(b)
-        elif isinstance(b, dict) and b.get("type") in _TEXT_BLOCKS:
-            text = b.get("text", "")
-            if not isinstance(text, str):
-                raise APIError(400, f"{where}: text must be a string", param="input")
-            out.append(text)
-        elif not (isinstance(b, dict) and b.get("type") in _DROPPED_BLOCKS):
-            kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+            continue
+        kind = b.get("type") if isinstance(b, dict) else None
+        if not isinstance(kind, str) or kind not in _TEXT_BLOCKS | _DROPPED_BLOCKS:
             raise APIError(400, f"{where}: unsupported content block {kind!r}", param="input")
+        if kind in _TEXT_BLOCKS:
+            out.append(_field(b, "text", where))
     return "".join(out)
 
 
@@ -237,10 +235,28 @@ def input_messages(req: ResponsesRequest) -> Input:
     return Input(b.msgs, b.extra_tools)
 
 
+def _field(item: dict, key: str, where: str, default: str = "") -> str:
+    value = item.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.{key} must be a string", param="input")
+    return value
+
+
+def _list(item: dict, key: str, where: str) -> list:
+    value = item.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, f"{where}.{key} must be an array", param="input")
+    return value
+
+
 def _add_item(b: _Builder, item: dict, where: str) -> None:
-    kind = item.get("type") or "message"
+    kind = _field(item, "type", where) or "message"
     if kind == "message":
-        role = item.get("role", "user")
+        role = _field(item, "role", where, "user")
         text = _blocks_text(item.get("content"), where)
         if role == "assistant":
             b.assistant(text)
@@ -250,39 +266,27 @@ def _add_item(b: _Builder, item: dict, where: str) -> None:
         else:
             raise APIError(400, f"{where}: unsupported role {role!r}", param="input")
     elif kind == "reasoning":
-        parts = [
-            p.get("text", "")
-            for key in ("summary", "content")
-            for p in item.get(key) or []
-            if isinstance(p, dict)
-        ]
-        if any(not isinstance(p, str) for p in parts):
-            raise APIError(400, f"{where}: reasoning text must be a string", param="input")
+        parts = [_field(p, "text", where) for key in ("summary", "content")
+                 for p in _list(item, key, where) if isinstance(p, dict)]  # fmt: skip
         if parts:
             b.reasoning.append("\n".join(parts))
     elif kind in ("function_call", "custom_tool_call") or kind in _HOSTED_CALLS:
-        call_id = item.get("call_id") or item.get("id")
-        if not isinstance(call_id, str) or not call_id:
-            raise APIError(400, f"{where}: {kind} needs a call_id", param="input")
-        name = _HOSTED_CALLS.get(kind) or item.get("name")
-        if not isinstance(name, str) or not name:
-            raise APIError(400, f"{where}: {kind} needs a name", param="input")
-        b.call(call_id, (item.get("namespace") or "") + name, _call_args(item))
+        call_id = _field(item, "call_id", where) or _field(item, "id", where)
+        name = _HOSTED_CALLS.get(kind) or _field(item, "name", where)
+        if not call_id or not name:
+            raise APIError(400, f"{where}: {kind} needs a call_id and a name", param="input")
+        b.call(call_id, _field(item, "namespace", where) + name, _call_args(item))
     elif kind.endswith("_output"):
-        call_id = item.get("call_id") or ""
+        call_id = _field(item, "call_id", where)
         if call_id not in b.call_ids:
-            raise APIError(
-                400,
-                f"Responses continuation state is not available for call_id "
-                f"{call_id}; retry by replaying the full input history",
-                param="input",
-            )
-        if kind == "tool_search_output" and isinstance(item.get("tools"), list):
-            b.extra_tools += [t for t in item["tools"] if isinstance(t, dict)]
+            raise APIError(400, f"Responses continuation state is not available for call_id "
+                                f"{call_id}; retry by replaying the full input history",
+                           param="input")  # fmt: skip
+        if kind == "tool_search_output":
+            b.extra_tools += [t for t in _list(item, "tools", where) if isinstance(t, dict)]
         b.flush_reasoning()
-        b.msgs.append(
-            {"role": "tool", "tool_call_id": call_id, "content": _output_text(item, where)}
-        )
+        b.msgs.append({"role": "tool", "tool_call_id": call_id,
+                       "content": _output_text(item, where)})  # fmt: skip
     elif kind not in ("compaction", "context_compaction", "item_reference"):
         raise APIError(400, f"{where}: unsupported input item type {kind!r}", param="input")
 
@@ -535,9 +539,6 @@ class ResponseStream:
     def _finish(self, done: Done) -> Iterator[str]:
         _, item_status = _status(done)
         yield from self._close_reasoning(done.think_closed)
-        streamed = "".join(self.message[1]) if self.message else ""
-        if done.content.startswith(streamed) and len(done.content) > len(streamed):
-            yield from self._text_delta(done.content[len(streamed) :])  # withheld tail
         if self.message is not None:
             index, mid = self.message[0], self.meta.item_id("message", "msg_")
             text = "".join(self.message[1])
