@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import FORMATS, QTensor, random_blocks, row_bytes  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
-from ds4py.quant.triton.gemm import gemm  # noqa: E402
+from ds4py.quant.triton.gemm import gemm, gemm_config  # noqa: E402
 from ds4py.quant.triton.gemv import gemv, gemv_config  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     moe_decode,
@@ -166,9 +166,10 @@ def bench_gemv(name, qtype, n, k, groups, n_tok, copy_bw, grid, rows):
     ws = copies(w)
     x = torch.randn(n_tok, groups, k, device=DEV).squeeze(1).contiguous()
     want = ref.linear(int8_rounded(x) if qtype in INT8_PATH else x, w)
-    default = gemv_config(n, k, n // groups, n_tok)
+    default = gemv_config(n, k, n // groups, n_tok, int8=qtype in INT8_PATH)
     results = []
-    for cfg in gemv_candidates(n, k, n // groups, n_tok):
+    cands = gemv_candidates(n, k, n // groups, n_tok)
+    for cfg in cands + ([default] if default not in cands else []):
         err = rel_err(gemv(x, w, grid, cfg), want)
         t = time_graph([lambda w_=w_, c=cfg: gemv(x, w_, grid, c) for w_ in ws])
         results.append((t, cfg, err))
@@ -190,15 +191,15 @@ def bench_moe_decode(name, gate_t, down_t, n_tok, copy_bw, grid, rows, k=6, n_ex
     per_expert = gate[0].nbytes + up[0].nbytes + down[0].nbytes
     nbytes = len(torch.unique(sets[0])) * per_expert
     want = ref.moe(x, sets[0], wts, gate, up, down, 10.0)
-    default = moe_decode_config(n_tok, k, n_ff, dim)
+    default = moe_decode_config(n_tok, k, n_ff, dim, int8=gate_t in INT8_PATH)
     results = []
-    for te in (2048, 4096, 8192):
-        for nw in (2, 4, 8):
-            cfg = moe_decode_config(n_tok, k, n_ff, dim, te, nw)
-            err = rel_err(moe_decode(x, sets[0], wts, gate, up, down, 10.0, grid, cfg), want)
-            calls = [lambda s=s, c=cfg: moe_decode(x, s, wts, gate, up, down, 10.0, grid, c)
+    cands = [moe_decode_config(n_tok, k, n_ff, dim, te, nw) for te in (2048, 4096, 8192)
+             for nw in (2, 4, 8)]  # fmt: skip
+    for cfg in cands + ([default] if default not in cands else []):
+        err = rel_err(moe_decode(x, sets[0], wts, gate, up, down, 10.0, grid, cfg), want)
+        calls = [lambda s=s, c=cfg: moe_decode(x, s, wts, gate, up, down, 10.0, grid, c)
                      for s in sets]  # fmt: skip
-            results.append((time_graph(calls), cfg, err))
+        results.append((time_graph(calls), cfg, err))
     tol = "moe_decode_int8" if gate_t in INT8_PATH else "moe_decode"
     _report(rows, "moe_decode", name, gate_t, n_tok, nbytes, results, default, copy_bw, tol)
 
@@ -222,10 +223,11 @@ def bench_gemm(name, qtype, n, k, m, rows, grid):
     x = torch.randn(m, k, device=DEV)
     want = ref.linear(x, w)
     cands = [
+        gemm_config(m, k, n),
         dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=2),
-        dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=2),
         dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
     ]
     results = []
@@ -257,6 +259,7 @@ def bench_moe_prefill(name, gate_t, down_t, n_tok, n_used, rows, grid, k=6, n_ex
     cands = [base] + [
         dict(base, BM=128, BN_GU=64, BN_DOWN=128, num_warps=8),
         dict(base, BM=128, BN_GU=128, BN_DOWN=128, num_warps=8),
+        dict(base, BM=256, BN_GU=64, BN_DOWN=128, num_warps=8),
         dict(base, BM=64, BN_GU=64, BN_DOWN=128, num_warps=4),
     ]
     results = []

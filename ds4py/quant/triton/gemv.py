@@ -92,12 +92,17 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int = 4096,
-                num_warps: int = 4) -> dict:  # fmt: skip
+def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int | None = None,
+                num_warps: int | None = None, int8: bool = False) -> dict:  # fmt: skip
     """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU
-    (~4 programs per SM keep enough loads in flight); the interpreter wants few, big programs."""
+    (~4 programs per SM keep enough loads in flight); the interpreter wants few, big programs.
+    Defaults from the H100 sweep in docs/PERFORMANCE.md; more tokens, smaller tiles (spills)."""
+    if tile is None:
+        tile = (8192 if int8 else 4096) // (2 if n_tok > 4 else 1)
+    if num_warps is None:
+        num_warps = 4 if n_tok > 4 else 2
     min_programs, max_bn = (1, 64) if interpreting() else (512, 16)
-    tile = tile * 8 if interpreting() else tile if n_tok <= 4 else tile // 2
+    tile = tile * 8 if interpreting() else tile
     bk = _pow2_divisor(k, min(4096, tile))
     bn = max(1, min(max_bn, tile // bk))
     while bn > 1 and (n // bn < min_programs or rows_per_group % bn):
@@ -139,9 +144,9 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
     w = prepared(w)
     n, k = w.shape
     rpg = n // groups
-    cfg = cfg or gemv_config(n, k, rpg, n_tok)
-    bn, bk = cfg["BN"], cfg["BK"]
     int8 = w.qtype in INT8_PATH
+    cfg = cfg or gemv_config(n, k, rpg, n_tok, int8=int8)
+    bn, bk = cfg["BN"], cfg["BK"]
     if k % bk or rpg % bn or (int8 and bk % 256):
         raise ValueError(f"gemv: tile {bn}x{bk} does not fit weight {w.shape}")
     xq, xs, xsum = act_operands(x.view(n_tok * groups, k), int8)

@@ -102,7 +102,7 @@ def moe_decode(
     n_tok, k = ids.shape
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
-    cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim)
+    cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH)
     gu, dn = cfg["gate_up"], cfg["down"]
     for qt, c, cols in ((gate.qtype, gu, dim), (down.qtype, dn, n_ff)):
         if cols % c["BK"] or (qt in INT8_PATH and c["BK"] % 256):
@@ -126,11 +126,12 @@ def moe_decode(
     return out
 
 
-def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int = 4096,
-                      num_warps: int = 4) -> dict:  # fmt: skip
+def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None = None,
+                      num_warps: int | None = None, int8: bool = True) -> dict:  # fmt: skip
     """gemv's heuristic with the slot/token grid dimension counted."""
-    gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps)
-    return dict(gate_up=gate_up, down=gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps))
+    gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
+    down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
+    return dict(gate_up=gate_up, down=down)
 
 
 # ---- Prefill ---------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def expert_tiles(ids: torch.Tensor, n_exp: int, bm: int) -> tuple[torch.Tensor, 
 
 def moe_prefill_config(n_slots: int, n_exp: int) -> dict:
     big = n_slots > 48 * n_exp  # ~rows per expert under balanced routing
-    return dict(BM=128 if big else 64, BN_GU=64, BN_DOWN=128, BK=64,
+    return dict(BM=128 if big else 64, BN_GU=128 if big else 64, BN_DOWN=128, BK=64,
                 num_warps=8 if big else 4, num_stages=3)  # fmt: skip
 
 

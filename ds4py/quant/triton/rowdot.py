@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as GQ
 
-from ds4py.quant.triton.tiles import dp4a, f16_at
+from ds4py.quant.triton.tiles import dp4a, f16_at, iq2_octet
 
 
 def acc_groups(qtype: GQ, bk: int) -> int:
@@ -111,14 +111,7 @@ def _iq2_xxs_chunk(w, tabs, row_off, K, k0, xq, xs, BK: tl.constexpr, EMULATE: t
     d = f16_at(w + row_off[:, None] + K // 4 + 2 * (gg // 8)[None, :])
     db = d * (0.5 + (bu >> 28).to(tl.float32)) * 0.25
     sub = tl.arange(0, 4)[None, None, :]
-    gidx = (a[:, :, None] >> (8 * sub)) & 255
-    sidx = ((bu[:, :, None] >> (7 * sub).to(tl.uint32)) & 127).to(tl.int32)
-    mag = tl.load(tabs + gidx)  # int64: 8 magnitude bytes
-    sgn = tl.load(tabs + 256 + sidx)  # int64: 8 bytes 0x00 / 0xFF
-    s_lo, s_hi = sgn.to(tl.int32), (sgn >> 32).to(tl.int32)
-    # byte-wise negate where the sign byte is 0xFF: (m ^ 0xFF) + 1, no carry since m <= 0x2b
-    v_lo = (mag.to(tl.int32) ^ s_lo) + (s_lo & 0x01010101)
-    v_hi = ((mag >> 32).to(tl.int32) ^ s_hi) + (s_hi & 0x01010101)
+    v_lo, v_hi = iq2_octet(a[:, :, None], bu[:, :, None], sub, tabs)  # [BN, G, 4]
     xw = xq + 8 * gg[None, :, None] + 2 * sub
     dot = dp4a(v_lo, tl.load(xw), EMULATE) + dp4a(v_hi, tl.load(xw + 1), EMULATE)
     return db * tl.load(xs + gg)[None] * tl.sum(dot, 2).to(tl.float32)  # [BN, BK // 32]

@@ -27,14 +27,13 @@ def interpreting() -> bool:
 
 
 def tables(device: torch.device | str) -> torch.Tensor:
-    """int64 [384]: IQ2_XXS grid (256 entries, byte k = magnitude k), then the 128 sign
-    patterns expanded to bytes 0x00 / 0xFF (bit 7 makes the count of minus signs even)."""
-    signs = []
-    for i in range(128):
-        mask = i | ((bin(i).count("1") & 1) << 7)
-        signs.append(sum(0xFF << (8 * k) for k in range(8) if mask >> k & 1))
-    vals = torch.tensor([*IQ2XXS_GRID, *signs], dtype=torch.uint64)
-    return vals.view(torch.int64).to(device)
+    """int16 [256]: the IQ2_XXS grid as 2-bit codes (0, 1, 2 for magnitudes 8, 25, 43; code k
+    at bits 2k..2k+1). 512 bytes, so a warp's random lookups touch at most 4 cache lines."""
+    codes = []
+    for entry in IQ2XXS_GRID:
+        mags = [(entry >> (8 * k)) & 0xFF for k in range(8)]
+        codes.append(sum({8: 0, 25: 1, 43: 2}[m] << (2 * k) for k, m in enumerate(mags)))
+    return torch.tensor(codes, dtype=torch.int32).to(torch.int16).to(device)
 
 
 def kernel_ok(w: QTensor) -> bool:
@@ -72,6 +71,41 @@ def dp4a(a, b, EMULATE: tl.constexpr):
             "dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
         )
     return s
+
+
+@triton.jit
+def _codes_to_bytes(t):
+    """Four 2-bit grid codes (bits 0..7 of t) -> four magnitude bytes 8 / 25 / 43."""
+    y = (t & 0x0F) | ((t & 0xF0) << 12)
+    z = (y & 0x00030003) | ((y & 0x000C000C) << 6)  # code k now at bits 8k..8k+1
+    return 0x08080808 + 17 * z + ((z >> 1) & 0x01010101)  # no carries: every byte <= 43
+
+
+@triton.jit
+def _sign_bytes(nib):
+    """Four sign bits -> (bytes 0x00 / 0x01, bytes 0x00 / 0xFF)."""
+    ones = (nib * 0x00204081) & 0x01010101  # bit k -> bit 8k (the shifted copies never overlap)
+    return ones, ones * 255
+
+
+@triton.jit
+def iq2_octet(a, bu, sub, tabs):
+    """IQ2_XXS octet `sub` (0..3) of a 32-weight group with words A (grid indices) and B
+    (signs, scale): two int32 words of four signed bytes each (weights 0-3 and 4-7 of the
+    octet, before the group scale). Arithmetic instead of big lookup tables keeps the warp's
+    loads on few cache lines."""
+    code = tl.load(tabs + ((a >> (8 * sub)) & 255)).to(tl.int32) & 0xFFFF
+    sidx = ((bu >> (7 * sub).to(tl.uint32)) & 127).to(tl.int32)
+    par = sidx ^ (sidx >> 4)
+    par = par ^ (par >> 2)
+    par = par ^ (par >> 1)
+    signs = sidx | ((par & 1) << 7)  # bit 7 makes the count of minus signs even
+    one_lo, neg_lo = _sign_bytes(signs & 15)
+    one_hi, neg_hi = _sign_bytes(signs >> 4)
+    # byte-wise negate where the sign byte is 0xFF: (m ^ 0xFF) + 1, no carry since m <= 43
+    lo = (_codes_to_bytes(code & 0xFF) ^ neg_lo) + one_lo
+    hi = (_codes_to_bytes(code >> 8) ^ neg_hi) + one_hi
+    return lo, hi
 
 
 # ---- k-order tiles (GEMM) --------------------------------------------------------------------
@@ -135,21 +169,19 @@ def _tile_q2_k(w, row_off, K, k0, BK: tl.constexpr):
 @triton.jit
 def _tile_iq2_xxs(w, tabs, row_off, K, k0, BK: tl.constexpr):
     go = k0 // 8 + tl.arange(0, BK // 8)  # global octet (8 weights share a grid entry)
-    b, o = go // 32, go % 32
-    g, sub = o // 4, (o % 4)[None, :]
-    wbase = w + row_off[:, None] + 64 * b[None, :] + 8 * g[None, :]  # [BN, G] group words
-    gidx = tl.load(wbase + sub)
-    sw = tl.load((wbase + 4).to(tl.pointer_type(tl.int32))).to(tl.uint32)
-    db = f16_at(w + row_off[:, None] + K // 4 + 2 * b[None, :]) * (0.5 + (sw >> 28).to(tl.float32))
-    db = db * 0.25
-    sidx = ((sw >> (7 * sub).to(tl.uint32)) & 127).to(tl.int32)
-    mag = tl.load(tabs + gidx.to(tl.int32))  # int64: 8 magnitudes
-    sgn = tl.load(tabs + 256 + sidx)  # int64: 8 bytes 0x00 / 0xFF
-    k8 = (8 * tl.arange(0, 8)).to(tl.int64)[None, None, :]
-    m = ((mag[:, :, None] >> k8) & 255).to(tl.int32)
-    neg = ((sgn[:, :, None] >> k8) & 1) != 0
-    v = db[:, :, None] * u2f(m)
-    return tl.reshape(tl.where(neg, -v, v), (row_off.shape[0], BK))
+    gg = go // 4  # global 32-weight group: words A, B at byte 8*gg of the row
+    wbase = (w + row_off[:, None] + 8 * gg[None, :]).to(tl.pointer_type(tl.int32))
+    a = tl.load(wbase)
+    bu = tl.load(wbase + 1).to(tl.uint32, bitcast=True)
+    db = f16_at(w + row_off[:, None] + K // 4 + 2 * (gg // 8)[None, :])
+    db = db * (0.5 + (bu >> 28).to(tl.float32)) * 0.25
+    lo, hi = iq2_octet(a, bu, (go % 4)[None, :], tabs)  # [BN, G] words of 4 signed bytes
+    k4 = (8 * tl.arange(0, 4))[None, None, :]
+    v_lo = ((lo[:, :, None] << (24 - k4)) >> 24).to(tl.float32)  # sign-extended bytes
+    v_hi = ((hi[:, :, None] << (24 - k4)) >> 24).to(tl.float32)
+    t = tl.join(v_lo, v_hi)  # [BN, G, 4, 2]: weight 4*h + k at [.., k, h]
+    t = tl.permute(t, (0, 1, 3, 2)) * db[:, :, None, None]
+    return tl.reshape(t, (row_off.shape[0], BK))
 
 
 @triton.jit
