@@ -179,11 +179,14 @@ def test_chat_streamed_tool_call(oai):
 
 def test_chat_tool_choice_none_keeps_dsml_as_text(oai):
     messages = [{"role": "user", "content": "weather please"}]
-    r = oai.chat.completions.create(model="m", messages=messages, tools=CHAT_TOOLS,
+    r = oai.chat.completions.create(model="deepseek-chat", messages=messages, tools=CHAT_TOOLS,
                                     tool_choice="none")  # fmt: skip
-    # With tools off the prompt has no schema, so the script answers as plain text.
-    assert r.choices[0].message.tool_calls is None
-    assert r.choices[0].finish_reason == "stop"
+    # The schemas stay in the prompt (so the script still writes a call), but with tool calls
+    # switched off the block is returned as text and generation ends there.
+    msg = r.choices[0].message
+    assert msg.tool_calls is None and r.choices[0].finish_reason == "stop"
+    assert msg.content.startswith("Let me check.\n\n<｜DSML｜tool_calls>")
+    assert msg.content.endswith("</｜DSML｜tool_calls>")
 
 
 # ---- OpenAI legacy completions and models ----------------------------------------------------

@@ -162,7 +162,6 @@ class Job:
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     tools_active: bool = False
-    tool_context: bool = False  # tools offered, or tool calls/results in the history
     tool_id_prefix: str = "call_"
     tool_tail: ToolTail | None = None
     param: str = "messages"  # request field named by a context-length error

@@ -114,16 +114,16 @@ class Prompter:
 
     def _chat_job(self, kind: str, messages: list[dict], tools: list[dict], tools_off: bool,
                   mode: ThinkMode, param: str, tool_prefix: str) -> Job:  # fmt: skip
-        active = tools if tools and not tools_off else []
-        segs = self.segments(messages, active, mode)
+        # Tools stay in the prompt even with tool_choice "none" (the official serving
+        # convention, CHAT.md §1), which also keeps the cached prefix; only parsing is off.
+        segs = self.segments(messages, tools, mode)
         text, ids = self._ids(segs, param)
-        history_tools = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         job = Job(kind, text, ids, mode, self.opts.max_tokens, segments=segs,
-                  tools_active=bool(active), tool_context=bool(active) or history_tools,
-                  tool_id_prefix=tool_prefix, param=param)  # fmt: skip
-        job.tool_tail = self._tool_tail(messages, active, mode, text)
+                  tools_active=bool(tools) and not tools_off, tool_id_prefix=tool_prefix,
+                  param=param)  # fmt: skip
+        job.tool_tail = self._tool_tail(messages, tools, mode, text)
         if mode.thinking:
-            job.render_visible = lambda done: self._visible(messages, active, mode, done)
+            job.render_visible = lambda done: self._visible(messages, tools, mode, done)
         return job
 
     def _tool_tail(self, messages: list[dict], tools: list[dict], mode: ThinkMode,
@@ -200,8 +200,8 @@ class Prompter:
 
     def count_messages(self, req: CountTokensRequest) -> int:
         mode = self._mode(req.model, *anthropic.think_controls(req))
-        tools = [] if anthropic.tool_choice_none(req) else anthropic.tools(req)
-        return len(self.encode(self.segments(anthropic.messages(req), tools, mode)))
+        segs = self.segments(anthropic.messages(req), anthropic.tools(req), mode)
+        return len(self.encode(segs))
 
     def responses_job(self, req: ResponsesRequest) -> tuple[Job, dict]:
         responses.check_stateless(req)
