@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..kv.store import KVStore, KVStoreOptions
 from . import anthropic, openai, responses
 from .common import (
     MODEL_ALIASES,
@@ -385,22 +386,22 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
 # ---- Construction ----------------------------------------------------------------------------
 
 
-def open_store(engine, opts: ServerOptions):
-    from ..kv.store import KVStore, KVStoreOptions
-
-    options = KVStoreOptions(
+def store_options(opts: ServerOptions) -> KVStoreOptions:
+    """The disk-cache thresholds (validated: a bad combination is a ValueError)."""
+    return KVStoreOptions(
         min_tokens=opts.kv_cache_min_tokens,
         cold_max_tokens=opts.kv_cache_cold_max_tokens,
         continued_interval_tokens=opts.kv_cache_continued_interval_tokens,
         boundary_trim_tokens=opts.kv_cache_boundary_trim_tokens,
         boundary_align_tokens=opts.kv_cache_boundary_align_tokens,
     )
-    return KVStore(
-        opts.kv_disk_dir,
-        fingerprint=engine.fingerprint,
-        budget_bytes=opts.kv_disk_space_mb << 20,
-        options=options,
-    )
+
+
+def open_store(engine, opts: ServerOptions) -> KVStore:
+    budget = opts.kv_disk_space_mb << 20
+    options = store_options(opts)
+    return KVStore(opts.kv_disk_dir, fingerprint=engine.fingerprint, budget_bytes=budget,
+                   options=options)  # fmt: skip
 
 
 def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
@@ -437,6 +438,8 @@ def serve(args: argparse.Namespace | ServerOptions) -> int:
     from ..cli import open_engine
 
     opts = args if isinstance(args, ServerOptions) else ServerOptions.from_namespace(args)
+    if opts.kv_disk_dir:
+        store_options(opts)  # refuse bad cache flags before the (long) model load
     fmt = "%(asctime)s %(name)s: %(message)s"
     logging.basicConfig(level=opts.log_level.upper(), format=fmt, datefmt="%m%d %H:%M:%S")
     engine = open_engine(argparse.Namespace(model=opts.model, device=opts.device, demo=opts.demo))

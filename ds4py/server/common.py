@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .options import THINK_MAX_MIN_CTX
+from ..chat import THINK_MAX_MIN_CTX
 
 # ---- Errors ----------------------------------------------------------------------------------
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass, fields
 
 DEFAULT_MODEL = "ds4flash.gguf"
 MODEL_ID = "deepseek-v4-flash"
-# Think Max needs a large context (RUNTIME.md §1.5); smaller contexts downgrade it to HIGH.
-THINK_MAX_MIN_CTX = 393216
 
 
 @dataclass
@@ -49,9 +47,6 @@ class ServerOptions:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_body_mb < 1:
             raise ValueError(f"max_body_mb must be >= 1, got {self.max_body_mb}")
-        cold, low = self.kv_cache_cold_max_tokens, self.kv_cache_min_tokens
-        if cold != 0 and cold < low:
-            raise ValueError(f"kv_cache_cold_max_tokens must be 0 or >= {low}, got {cold}")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> ServerOptions:
