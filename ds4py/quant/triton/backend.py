@@ -15,6 +15,7 @@ from ds4py.quant.formats import QTensor
 from ds4py.quant.ops import Ops
 from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
+from ds4py.quant.triton.hc import hc_pre
 from ds4py.quant.triton.moe import moe_decode, moe_prefill
 from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
 
@@ -55,3 +56,8 @@ class TritonOps(Ops):
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)
+
+    def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
+        if X.shape[1] != 4:
+            return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+        return hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
