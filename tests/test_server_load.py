@@ -6,6 +6,7 @@ prefill sends SSE keepalive comments.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -38,7 +39,7 @@ async def _one(client: httpx.AsyncClient, i: int) -> str:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
-                chunk = httpx.Response(200, content=line[6:]).json()
+                chunk = json.loads(line[6:])
                 text += chunk["choices"][0]["delta"].get("content") or ""
     return text
 
@@ -89,6 +90,31 @@ def test_prefill_keepalive_comments():
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
     assert first_data >= 2 and all(line.startswith(":") for line in lines[:first_data])
     assert lines[-1] == "data: [DONE]"
+
+
+def test_queued_stream_gets_keepalives():
+    engine = FakeEngine(script, delay=0.03)  # the first request keeps the worker ~1 s
+    opts = ServerOptions(ctx=4096, keepalive_s=0.2)
+    with LiveServer(create_app(engine, opts)) as srv:
+        busy = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "short story"}]}
+        queued = {"model": "deepseek-chat", "stream": True,
+                  "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                first = asyncio.create_task(c.post(CHAT, json=busy))
+                await asyncio.sleep(0.1)
+                async with c.stream("POST", CHAT, json=queued) as r:
+                    lines = [line async for line in r.aiter_lines() if line]
+                assert (await first).status_code == 200
+                return lines
+
+        lines = asyncio.run(main())
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert first_data >= 2 and all(line.startswith(":") for line in lines[:first_data])
+    chunks = [json.loads(line[6:]) for line in lines[first_data:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "You said: hi" and lines[-1] == "data: [DONE]"
 
 
 @pytest.mark.parametrize("stream", [False, True])

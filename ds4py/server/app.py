@@ -222,16 +222,21 @@ async def run_job(srv: Server, request: Request, job: Job, stream: bool,
     ch = Channel(asyncio.get_running_loop())
     job.sink = ch.push
     srv.worker.submit(job)
+    keepalive = srv.opts.keepalive_s
+    waited, poll = 0.0, min(1.0, keepalive)
     while True:
-        ev = await _next_event(ch, job, request, 1.0)
+        ev = await _next_event(ch, job, request, poll)
         if ev is GONE:
             return Response(status_code=499)  # nobody reads it; closes the exchange
         if isinstance(ev, Failed):
             raise ev.error
-        if stream and ev is not None:
-            return EventStream(_sse(ev, ch, stream_fmt, srv.opts.keepalive_s), job.cancel.set)
+        # A stream opens with the first event, or after `keepalive` in the queue: from then on
+        # comments keep the client waiting and a late failure becomes an SSE error event.
+        if stream and (ev is not None or waited >= keepalive):
+            return EventStream(_sse(ev, ch, stream_fmt, keepalive), job.cancel.set)
         if isinstance(ev, Done):
             return JSONResponse(body(ev))
+        waited += poll
 
 
 async def _sse(first, ch: Channel, fmt, keepalive: float) -> AsyncIterator[str]:

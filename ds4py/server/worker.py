@@ -163,13 +163,20 @@ class Worker:
             if cached < len(old):  # the live KV is about to be cut back: keep it on disk
                 self._save(self.policy.evict(len(old)))
             cached = self._disk_lookup(job, plan, cached)
+        start = time.monotonic()
         self._prefill(job, plan.tokens, cached)
         usage = Usage(prompt_tokens=len(plan.tokens), cached_tokens=cached)
-        log.info("prompt %d tokens (%s, cached %d)", len(plan.tokens), plan.source, cached)
+        t_gen = time.monotonic()
+        log.info("%s: prompt %d tokens, %d reused (%s), prefill %.2fs", job.kind,
+                 len(plan.tokens), cached, plan.source, t_gen - start)  # fmt: skip
         yield Started(usage)
         for ev in generate(self.session, self.tok, job, usage, self._continued_save):
             if isinstance(ev, Done):
                 self._remember(job, ev)
+                secs = time.monotonic() - t_gen
+                log.info("%s: %d tokens in %.2fs (%.1f t/s), finish %s%s", job.kind,
+                         usage.completion_tokens, secs, usage.completion_tokens / max(secs, 1e-9),
+                         ev.finish, f" ({ev.error})" if ev.error else "")  # fmt: skip
             yield ev
 
     # ---- prefix reuse ------------------------------------------------------------------------
