@@ -60,11 +60,13 @@ def _gemm_kernel(
 
 
 def gemm_config(m: int, k: int, rows_per_group: int) -> dict:
-    """Tiles from the H100 sweep: BM=256 amortizes each dequantized weight tile over more tokens."""
+    """Tiles from the H100 sweep (docs/PERFORMANCE.md): 256-token tiles amortize each decoded
+    weight tile over more tokens, unless that leaves fewer than ~1.5 programs per SM."""
     bk = 64 if k % 64 == 0 else 32
-    bn = 128 if rows_per_group % 128 == 0 else 64 if rows_per_group % 64 == 0 else 32
-    bm = 256 if m >= 512 else 128
-    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
+    if rows_per_group % 128 == 0 and triton.cdiv(m, 256) * (rows_per_group // 128) >= 192:
+        return dict(BM=256, BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
+    bn = 64 if rows_per_group % 64 == 0 else 32
+    return dict(BM=128, BN=bn, BK=bk, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def gemm(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
