@@ -153,6 +153,8 @@ def test_api_key(engine):
         r = c.post("/v1/messages", json={"messages": USER, "max_tokens": 50},
                    headers={"x-api-key": "sekret"})  # fmt: skip
         assert r.status_code == 200 and r.json()["content"][-1]["text"] == "You said: hi"
+        both = {"x-api-key": "stale", "Authorization": "Bearer sekret"}
+        assert c.post(CHAT, json={"messages": USER}, headers=both).status_code == 200
         assert c.get("/health").status_code == 200
 
 

@@ -153,11 +153,11 @@ class Guard:
         if not key or scope.get("path") == "/health":
             return True
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-api-key", b"").decode("latin-1")
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth.lower().startswith("bearer "):
-            given = given or auth[7:].strip()
-        return hmac.compare_digest(given.encode(), key.encode())
+        given = [headers.get(b"x-api-key", b"")]
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given.append(auth[7:].strip())
+        return any(hmac.compare_digest(g, key.encode()) for g in given)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks, size = [], 0
