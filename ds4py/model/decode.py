@@ -53,7 +53,7 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
         keys, mask = torch.cat((keys, comp)), torch.cat((mask, visible))
     o = attend(q, keys, mask[None], blk.attn_sinks)
     o = rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
-    low = torch.cat([ops.linear(o[:, g], blk.attn_output_a[g]) for g in range(s.o_groups)], 1)
+    low = ops.linear(o, blk.attn_output_a)
     return ops.linear(low, blk.attn_output_b)
 
 

@@ -177,8 +177,6 @@ def bind(
         elif attr == "token_embd":
             value = q.to(device)  # rows are gathered, never multiplied
         else:
-            if attr == "attn_output_a":  # one (o_lora_rank x group_in) block per output group
-                q = QTensor.from_raw(q.data, q.qtype, (s.o_groups, s.o_lora_rank, spec.shape[1]))
             value = ops.prepare(q)
         setattr(target, attr, value)
     if progress:

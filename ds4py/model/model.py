@@ -145,7 +145,7 @@ class Block:
     attn_kv: QTensor
     attn_kv_a_norm: Tensor
     attn_sinks: Tensor
-    attn_output_a: QTensor  # viewed as [o_groups, o_lora_rank, group_in]
+    attn_output_a: QTensor  # row block g (o_lora_rank rows) reads head group g
     attn_output_b: QTensor
     attn_compressor_ape: Tensor | None = None
     attn_compressor_kv: QTensor | None = None
@@ -225,9 +225,7 @@ class Block:
 
         o = attend(q, keys, mask, self.attn_sinks)
         o = rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
-        low = torch.cat(
-            [self.ops.linear(o[:, g], self.attn_output_a[g]) for g in range(s.o_groups)], 1
-        )
+        low = self.ops.linear(o, self.attn_output_a)  # group g's rows read o[:, g]
         return self.ops.linear(low, self.attn_output_b)
 
     def cache_row(self, kv: Tensor) -> Tensor:
@@ -369,8 +367,7 @@ class Transformer:
         return self.ops.linear(self.head(X), self.output)
 
     def embed(self, tokens: Tensor) -> Tensor:
-        w = self.token_embd
-        return QTensor(w.data[tokens], w.qtype, (tokens.shape[0], w.shape[1])).dequantize()
+        return self.token_embd[tokens].dequantize()
 
     def head(self, X: Tensor) -> Tensor:
         """HC head collapse, then the output norm (MODEL.md §2.4, §3.1)."""

@@ -39,6 +39,8 @@ class TritonOps(Ops):
         x = x.contiguous()
         if x.shape[0] <= MAX_TOKENS:
             return gemv(x, w, self.tabs)
+        if w.shape[0] % 32:  # no tensor-core tiling for e.g. the 24-row mHC projections
+            return ref.linear(x, w)
         return gemm(x, w, self.tabs)
 
     def moe(
