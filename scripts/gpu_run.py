@@ -139,7 +139,8 @@ def stage_full():
     log("prefill 8k", res["prefill_8k_tps"])
     sess.rewind(4096)
     res["decode_4k_tps"] = 1 / time_decode(sess, 64)
-    log("decode 4k", res["decode_4k_tps"])
+    res["cuda_graph"] = sess._decoder.graph is not None
+    log("decode 4k", res["decode_4k_tps"], "graph", res["cuda_graph"])
     RESULTS["full"] = res
     prof(sess)
     del sess

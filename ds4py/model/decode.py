@@ -11,6 +11,7 @@ model's; this file owns only the cache-side shape discipline and the graph.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -135,8 +136,7 @@ class Decoder:
         self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()
-        elif self.use_graph and self.steps >= 1:
-            self.capture()
+        elif self.use_graph and self.steps >= 1 and self.capture():
             self.graph.replay()
         else:  # eager: on the CPU, and the first CUDA step (it warms the kernels up)
             self.logits = decode_step(self.model, self.state, self.token, self.pos)
@@ -144,12 +144,19 @@ class Decoder:
         self._advance(pos + 1)
         return self.logits
 
-    def capture(self) -> None:
+    def capture(self) -> bool:
+        """Record the step once; if some op cannot be captured, stay eager (and say why)."""
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self.logits = decode_step(self.model, self.state, self.token, self.pos)
+        try:
+            with torch.cuda.graph(g):
+                self.logits = decode_step(self.model, self.state, self.token, self.pos)
+        except RuntimeError as e:
+            warnings.warn(f"decode step not captured in a CUDA graph, running eagerly: {e}")
+            self.use_graph = False
+            return False
         self.graph = g
+        return True
 
     def _advance(self, n: int) -> None:
         for L in self.state.layers:
