@@ -85,16 +85,24 @@ class Engine:
         return cls.open(path, device=device, quant_sim=quant_sim)
 
     @classmethod
-    def synthetic(cls, shape: Shape, quant: str = "q2", device: str = "cpu", seed: int = 0,
-                  quant_sim: bool = True) -> Engine:  # fmt: skip
+    def synthetic(
+        cls,
+        shape: Shape,
+        quant: str = "q2",
+        device: str = "cpu",
+        seed: int = 0,
+        quant_sim: bool = True,
+        generate_on: str | None = None,
+    ) -> Engine:
         """Random weights of the published types made directly on `device` (no file): full-size
-        speed runs without the 81 GB download. The real tokenizer when the vocab is real."""
+        speed runs without the 81 GB download. The real tokenizer when the vocab is real.
+        generate_on="cpu" draws them with the CPU generator (the same weights as a CPU engine)."""
         from .synth import synthetic_tensors, tokenizer_metadata
 
         opts = EngineOptions(device=device, quant_sim=quant_sim)
         ops = Ops.for_device(device)
         model = Transformer(shape, ops, quant_sim=quant_sim)
-        tensors = synthetic_tensors(shape, quant, seed, device=device)
+        tensors = synthetic_tensors(shape, quant, seed, device=generate_on or device)
         makers = {spec.name: make for spec, _, make in tensors}
         bind(model, makers, ops, torch.device(device))
         md = {k: v for k, (_, v) in tokenizer_metadata().items()} if shape.n_vocab == 129280 else {}

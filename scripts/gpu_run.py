@@ -50,7 +50,9 @@ def stage_check():
     out = {}
     for sim in (False, True):
         cpu = Engine.synthetic(demo_shape(), device="cpu", seed=1, quant_sim=sim)
-        gpu = Engine.synthetic(demo_shape(), device="cuda", seed=1, quant_sim=sim)
+        gpu = Engine.synthetic(
+            demo_shape(), device="cuda", seed=1, quant_sim=sim, generate_on="cpu"
+        )
         ids = ids_for(300, 129280)
         a, b = cpu.score(ids), gpu.score(ids)
         sc, sg = cpu.new_session(512), gpu.new_session(512)
@@ -58,8 +60,11 @@ def stage_check():
         worst = 0.0
         for t in ids[200:260]:
             worst = max(worst, rel(sg.eval(t)[None], sc.eval(t)[None]))
-        out[f"sim={sim}"] = {"score_rel": rel(b, a), "decode_rel": worst,
-                             "graph": sg._decoder.graph is not None}  # fmt: skip
+        out[f"sim={sim}"] = {
+            "score_rel": rel(b, a),
+            "decode_rel": worst,
+            "graph": sg._decoder.graph is not None,
+        }
         log("check", sim, out[f"sim={sim}"])
     RESULTS["check"] = out
 
@@ -81,7 +86,7 @@ def time_decode(sess, n: int, start_token: int = 1) -> float:
 
 def stage_width():
     shape = flash(4)
-    gpu = Engine.synthetic(shape, device="cuda", seed=2)
+    gpu = Engine.synthetic(shape, device="cuda", seed=2, generate_on="cpu")
     cpu = Engine.synthetic(shape, device="cpu", seed=2)
     ids = ids_for(24, shape.n_vocab, 3)
     t0 = time.perf_counter()
@@ -100,8 +105,11 @@ def fill(sess, n: int) -> None:
     st, s = sess.state, sess.engine.shape
     g = torch.Generator("cuda").manual_seed(0)
     for L in st.layers:
-        L.raw.copy_(round_rope_f16(fp8_sim(torch.randn(L.raw.shape, generator=g, device="cuda"),
-                                           s.n_nope), s.n_rot))  # fmt: skip
+        L.raw.copy_(
+            round_rope_f16(
+                fp8_sim(torch.randn(L.raw.shape, generator=g, device="cuda"), s.n_nope), s.n_rot
+            )
+        )
         if L.ratio:
             k = n // L.ratio
             for i in range(0, k, 65536):

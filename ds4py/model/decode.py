@@ -62,13 +62,27 @@ def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
     """Feed the token to the compressors; (re)write row p // ratio from the open window."""
     s, r = blk.shape, blk.ratio
     k = p // r
-    row = pool_step(blk, x, p, st.attn_frontier, blk.attn_compressor_kv,
-                    blk.attn_compressor_gate, blk.attn_compressor_ape)  # fmt: skip
+    row = pool_step(
+        blk,
+        x,
+        p,
+        st.attn_frontier,
+        blk.attn_compressor_kv,
+        blk.attn_compressor_gate,
+        blk.attn_compressor_ape,
+    )
     row = rms_norm(row, blk.attn_compressor_norm, s.norm_eps)
     st.comp.write(k, blk.cache_row(rope(row, k * r, blk.freqs)))
     if r == 4:
-        row = pool_step(blk, x, p, st.index_frontier, blk.indexer_compressor_kv,
-                        blk.indexer_compressor_gate, blk.indexer_compressor_ape)  # fmt: skip
+        row = pool_step(
+            blk,
+            x,
+            p,
+            st.index_frontier,
+            blk.indexer_compressor_kv,
+            blk.indexer_compressor_gate,
+            blk.indexer_compressor_ape,
+        )
         row = rope(rms_norm(row, blk.indexer_compressor_norm, s.norm_eps), k * r, blk.freqs)
         st.index.write(k, fp4_sim(row) if blk.quant_sim else row)
 
@@ -88,8 +102,10 @@ def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate,
         fr.prev_score.copy_(torch.where(closed, fr.cur_score, fr.prev_score))
     else:
         cand_a, cand_b = fr.cur_kv, fr.cur_score
-    # slots past the token's offset still hold the last window: garbage, but never visible
-    return (torch.softmax(cand_b, dim=0) * cand_a).sum(0, keepdim=True)
+    # slots past the token's offset still hold the last window: garbage, but never visible.
+    # softmax over dim 0 written out: torch's non-last-dim softmax kernel is 20x slower here
+    e = torch.exp(cand_b - cand_b.amax(0, keepdim=True))
+    return (e * cand_a).sum(0, keepdim=True) / e.sum(0, keepdim=True)
 
 
 def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, visible: Tensor):
@@ -152,7 +168,9 @@ class Decoder:
             with torch.cuda.graph(g):
                 self.logits = decode_step(self.model, self.state, self.token, self.pos)
         except RuntimeError as e:
-            warnings.warn(f"decode step not captured in a CUDA graph, running eagerly: {e}")
+            warnings.warn(
+                f"decode step not captured in a CUDA graph, running eagerly: {e}", stacklevel=2
+            )
             self.use_graph = False
             return False
         self.graph = g

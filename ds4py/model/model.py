@@ -27,8 +27,7 @@ Tensor = torch.Tensor
 
 
 def rms_norm(x: Tensor, w: Tensor | None, eps: float) -> Tensor:
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if w is None else y * w
+    return F.rms_norm(x, x.shape[-1:], w, eps)
 
 
 def rope_freqs(shape: Shape, compress: bool) -> Tensor:

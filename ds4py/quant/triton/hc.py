@@ -17,8 +17,9 @@ from ds4py.quant.ref import hc_pre as hc_pre_ref  # noqa: F401  (the reference, 
 
 
 @triton.jit
-def _hc_pre_kernel(X, V, SCALE, BASE, U, POST, COMB, D, norm_eps, hc_eps,
-                   ITERS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _hc_pre_kernel(
+    X, V, SCALE, BASE, U, POST, COMB, D, norm_eps, hc_eps, ITERS: tl.constexpr, BLOCK: tl.constexpr
+):
     t = tl.program_id(0)
     x = X + t.to(tl.int64) * 4 * D
     # mean of squares over the 4 streams
@@ -66,6 +67,19 @@ def hc_pre(X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
     u = torch.empty(T, D, device=X.device, dtype=torch.float32)
     post = torch.empty(T, 4, device=X.device, dtype=torch.float32)
     comb = torch.empty(T, 4, 4, device=X.device, dtype=torch.float32)
-    _hc_pre_kernel[(T,)](X, v, scale.contiguous(), base.contiguous(), u, post, comb, D,
-                         norm_eps, hc_eps, ITERS=iters, BLOCK=1024, num_warps=4)  # fmt: skip
+    _hc_pre_kernel[(T,)](
+        X,
+        v,
+        scale.contiguous(),
+        base.contiguous(),
+        u,
+        post,
+        comb,
+        D,
+        norm_eps,
+        hc_eps,
+        ITERS=iters,
+        BLOCK=1024,
+        num_warps=4,
+    )
     return u, post, comb
