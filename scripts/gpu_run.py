@@ -96,7 +96,11 @@ def stage_width():
     sess = gpu.new_session(8192)
     sess.sync(ids_for(4096, shape.n_vocab, 4))
     step = time_decode(sess, 32)
-    RESULTS["width"] = {"score_rel": rel(b, a), "decode_step_ms_4_layers": step * 1e3}
+    RESULTS["width"] = {
+        "score_rel": rel(b, a),
+        "score_cos_min": cos(b, a),
+        "decode_step_ms_4_layers": step * 1e3,
+    }
     log("width", RESULTS["width"])
 
 

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from ..kv.state import CompressorState, KVState, LayerState
-from .model import Block, Transformer, attend, fp4_sim, rms_norm, rope
+from .model import Block, Transformer, rms_norm
 
 Tensor = torch.Tensor
 
@@ -35,9 +35,9 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
     s, ops = blk.shape, blk.ops
     qr = rms_norm(ops.linear(x, blk.attn_q_a), blk.attn_q_a_norm, s.norm_eps)
     q = ops.linear(qr, blk.attn_q_b).view(1, s.n_head, s.head_dim)
-    q = rope(rms_norm(q, None, s.norm_eps), p, blk.freqs)
+    q = blk.rope(rms_norm(q, None, s.norm_eps), p, blk.freqs)
     kv = rms_norm(ops.linear(x, blk.attn_kv), blk.attn_kv_a_norm, s.norm_eps)
-    kv = blk.cache_row(rope(kv, p, blk.freqs))
+    kv = blk.cache_row(blk.rope(kv, p, blk.freqs))
     W = s.window
     st.raw.index_copy_(0, p % W, kv)
     slot = torch.arange(W, device=x.device)
@@ -52,8 +52,8 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
         else:
             comp = st.comp.get(cap)
         keys, mask = torch.cat((keys, comp)), torch.cat((mask, visible))
-    o = attend(q, keys, mask[None], blk.attn_sinks)
-    o = rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
+    o = blk.attend(q, keys, mask[None], blk.attn_sinks)
+    o = blk.rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
     low = ops.linear(o, blk.attn_output_a)
     return ops.linear(low, blk.attn_output_b)
 
@@ -72,7 +72,7 @@ def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
         blk.attn_compressor_ape,
     )
     row = rms_norm(row, blk.attn_compressor_norm, s.norm_eps)
-    st.comp.write(k, blk.cache_row(rope(row, k * r, blk.freqs)))
+    st.comp.write(k, blk.cache_row(blk.rope(row, k * r, blk.freqs)))
     if r == 4:
         row = pool_step(
             blk,
@@ -83,8 +83,8 @@ def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
             blk.indexer_compressor_gate,
             blk.indexer_compressor_ape,
         )
-        row = rope(rms_norm(row, blk.indexer_compressor_norm, s.norm_eps), k * r, blk.freqs)
-        st.index.write(k, fp4_sim(row) if blk.quant_sim else row)
+        row = blk.rope(rms_norm(row, blk.indexer_compressor_norm, s.norm_eps), k * r, blk.freqs)
+        st.index.write(k, blk.fp4(row) if blk.quant_sim else row)
 
 
 def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate, ape) -> Tensor:
@@ -112,9 +112,9 @@ def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, v
     """(rows [k], chosen [k]): the top-k visible compressed rows by indexer score."""
     s = blk.shape
     qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(1, s.n_indexer_head, s.indexer_head_dim)
-    qi = rope(qi, p, blk.freqs)
+    qi = blk.rope(qi, p, blk.freqs)
     if blk.quant_sim:
-        qi = fp4_sim(qi)
+        qi = blk.fp4(qi)
     w = blk.ops.linear(x, blk.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
     keys = st.index.get(st.index.cap)
     score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))[0]

@@ -118,6 +118,11 @@ def round_rope_f16(x: Tensor, n_rot: int) -> Tensor:
     return torch.cat((x[..., :-n_rot], x[..., -n_rot:].half().float()), dim=-1)
 
 
+def fp8_row(x: Tensor, n_nope: int, n_rot: int) -> Tensor:
+    """A cached K=V row: FP8 round trip on the no-RoPE dims, 16-bit RoPE dims."""
+    return round_rope_f16(fp8_sim(x, n_nope), n_rot)
+
+
 def attend(q: Tensor, keys: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
     """Softmax attention with a per-head sink logit; keys double as values. q [T,H,d] -> [T,H,d]."""
     logits = torch.einsum("thd,kd->thk", q, keys) / math.sqrt(q.shape[-1])
@@ -174,6 +179,9 @@ class Block:
         self.shape, self.layer, self.ops, self.quant_sim = shape, layer, ops, quant_sim
         self.ratio = shape.ratio(layer)
         self.freqs = rope_freqs(shape, compress=self.ratio != 0).to(ops.device)
+        # small pointwise regions the backend may fuse into single kernels (decode is launch-bound)
+        self.rope, self.attend = ops.fuse(rope), ops.fuse(attend)
+        self.fp4, self.fp8_row = ops.fuse(fp4_sim), ops.fuse(fp8_row)
 
     def forward(self, X: Tensor, tokens: Tensor, pos: Tensor, st: LayerState) -> Tensor:
         """X [T, hc, D] at positions pos [T] (consecutive) -> X' [T, hc, D]; updates st."""
@@ -204,9 +212,9 @@ class Block:
         s, T = self.shape, x.shape[0]
         qr = rms_norm(self.ops.linear(x, self.attn_q_a), self.attn_q_a_norm, s.norm_eps)
         q = self.ops.linear(qr, self.attn_q_b).view(T, s.n_head, s.head_dim)
-        q = rope(rms_norm(q, None, s.norm_eps), pos, self.freqs)
+        q = self.rope(rms_norm(q, None, s.norm_eps), pos, self.freqs)
         kv = rms_norm(self.ops.linear(x, self.attn_kv), self.attn_kv_a_norm, s.norm_eps)
-        kv = self.cache_row(rope(kv, pos, self.freqs))  # [T, head_dim]
+        kv = self.cache_row(self.rope(kv, pos, self.freqs))  # [T, head_dim]
 
         keys, kpos = st.window_with(kv, int(pos[0]))
         mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - s.window)
@@ -222,8 +230,8 @@ class Block:
             mask = torch.cat((mask, visible), dim=1)
         st.push_window(kv, int(pos[0]))
 
-        o = attend(q, keys, mask, self.attn_sinks)
-        o = rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
+        o = self.attend(q, keys, mask, self.attn_sinks)
+        o = self.rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
         low = self.ops.linear(o, self.attn_output_a)  # group g's rows read o[:, g]
         return self.ops.linear(low, self.attn_output_b)
 
@@ -231,7 +239,7 @@ class Block:
         """What the cache keeps of a K=V row: FP8 no-RoPE dims, 16-bit RoPE dims (quant_sim)."""
         if not self.quant_sim:
             return kv
-        return round_rope_f16(fp8_sim(kv, self.shape.n_nope), self.shape.n_rot)
+        return self.fp8_row(kv, self.shape.n_nope, self.shape.n_rot)
 
     # ---- Compressors (MODEL.md §2.6) ----
     def compress(self, x: Tensor, p0: int, st: LayerState) -> None:
@@ -247,7 +255,7 @@ class Block:
         if rows.shape[0]:
             rows = rms_norm(rows, self.attn_compressor_norm, self.shape.norm_eps)
             rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
-            st.append_comp(self.cache_row(rope(rows, rpos, self.freqs)))
+            st.append_comp(self.cache_row(self.rope(rows, rpos, self.freqs)))
         if self.ratio == 4:
             rows = self.pool(
                 x,
@@ -260,8 +268,8 @@ class Block:
             if rows.shape[0]:
                 rows = rms_norm(rows, self.indexer_compressor_norm, self.shape.norm_eps)
                 rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
-                rows = rope(rows, rpos, self.freqs)
-                st.append_index(fp4_sim(rows) if self.quant_sim else rows)
+                rows = self.rope(rows, rpos, self.freqs)
+                st.append_index(self.fp4(rows) if self.quant_sim else rows)
 
     def pool(
         self, x: Tensor, p0: int, fr: CompressorState, wkv: QTensor, wgate: QTensor, ape: Tensor
@@ -303,9 +311,9 @@ class Block:
         qi = self.ops.linear(qr, self.indexer_attn_q_b).view(
             T, s.n_indexer_head, s.indexer_head_dim
         )
-        qi = rope(qi, pos, self.freqs)
+        qi = self.rope(qi, pos, self.freqs)
         if self.quant_sim:
-            qi = fp4_sim(qi)
+            qi = self.fp4(qi)
         w = self.ops.linear(x, self.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
         keys = st.index_rows()
         score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))

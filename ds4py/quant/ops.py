@@ -61,3 +61,7 @@ class Ops:
     def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
         """mHC pre from the unnormalised mixing logits v = fn . X_flat: (u, post, comb)."""
         return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+
+    def fuse(self, fn):
+        """A pointwise region the model may run as fused kernels; the reference runs it as is."""
+        return fn

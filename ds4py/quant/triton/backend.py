@@ -26,6 +26,7 @@ class TritonOps(Ops):
     def __init__(self, device: torch.device | str) -> None:
         super().__init__(device)
         self.tabs = tables(self.device)
+        self._fused: dict = {}
 
     def prepare(self, w: QTensor) -> QTensor:
         """Move to the device and regroup block bytes per row (split layout, same size);
@@ -58,6 +59,13 @@ class TritonOps(Ops):
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)
+
+    def fuse(self, fn):
+        # torch.compile turns each small region into one or two Triton kernels: decode is
+        # launch-bound, and the compiled kernels are captured in the CUDA graph like any other.
+        if fn not in self._fused:
+            self._fused[fn] = torch.compile(fn, dynamic=None)
+        return self._fused[fn]
 
     def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
         if X.shape[1] != 4:
