@@ -46,6 +46,25 @@ def ids_for(n, vocab, seed=0):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def reference_on_gpu(shape, seed, sim):
+    """The same model with the torch reference ops on the GPU: isolates kernel precision."""
+    from ds4py.engine import EngineOptions
+    from ds4py.model.load import bind
+    from ds4py.model.model import Transformer
+    from ds4py.quant.ops import Ops
+    from ds4py.synth import synthetic_tensors
+
+    ops = Ops("cuda")
+    model = Transformer(shape, ops, quant_sim=sim)
+    makers = {sp.name: m for sp, _, m in synthetic_tensors(shape, "q2", seed)}
+    bind(model, makers, ops, torch.device("cuda"))
+    return Engine(shape, model, EngineOptions(device="cuda", quant_sim=sim), {})
+
+
+def cos(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), -1).min())
+
+
 def stage_check():
     out = {}
     for sim in (False, True):
@@ -53,17 +72,24 @@ def stage_check():
         gpu = Engine.synthetic(
             demo_shape(), device="cuda", seed=1, quant_sim=sim, generate_on="cpu"
         )
+        refg = reference_on_gpu(demo_shape(), 1, sim)
         ids = ids_for(300, 129280)
-        a, b = cpu.score(ids), gpu.score(ids)
-        sc, sg = cpu.new_session(512), gpu.new_session(512)
-        sc.sync(ids[:200]), sg.sync(ids[:200])
-        worst = 0.0
+        a, b, c = cpu.score(ids), gpu.score(ids), refg.score(ids)
+        sc, sg, sr = cpu.new_session(512), gpu.new_session(512), refg.new_session(512)
+        sc.sync(ids[:200]), sg.sync(ids[:200]), sr.sync(ids[:200])
+        worst, worst_ref, cmin = 0.0, 0.0, 1.0
         for t in ids[200:260]:
-            worst = max(worst, rel(sg.eval(t)[None], sc.eval(t)[None]))
+            lc, lg, lr = sc.eval(t), sg.eval(t), sr.eval(t)
+            worst = max(worst, rel(lg[None], lc[None]))
+            worst_ref = max(worst_ref, rel(lr[None], lc[None]))
+            cmin = min(cmin, cos(lg[None], lc[None]))
         out[f"sim={sim}"] = {
-            "score_rel": rel(b, a),
-            "decode_rel": worst,
-            "graph": sg._decoder.graph is not None,
+            "triton_score_rel": rel(b, a),
+            "triton_score_cos_min": cos(b, a),
+            "triton_decode_rel": worst,
+            "triton_decode_cos_min": cmin,
+            "refops_gpu_score_rel": rel(c, a),
+            "refops_gpu_decode_rel": worst_ref,
         }
         log("check", sim, out[f"sim={sim}"])
     RESULTS["check"] = out
