@@ -41,18 +41,17 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
     W = s.window
     st.raw.index_copy_(0, p % W, kv)
     slot = torch.arange(W, device=x.device)
-    keys, mask = st.raw, (p - (p - slot) % W) >= 0  # ring slot j holds position p - (p-j) mod W
+    parts = [(st.raw, ((p - (p - slot) % W) >= 0)[None])]  # ring slot j: position p-(p-j)%W
     if blk.ratio:
         compress_step(blk, x, p, st)
         cap = st.comp.cap
         visible = torch.arange(cap, device=x.device) < (p + 1) // blk.ratio
         if blk.ratio == 4:
             rows, chosen = indexer_step(blk, x, qr, p, st, visible)
-            comp, visible = st.comp.gather(rows), visible[rows] & chosen
+            parts.append((st.comp.gather(rows), (visible[rows] & chosen)[None]))
         else:
-            comp = st.comp.get(cap)
-        keys, mask = torch.cat((keys, comp)), torch.cat((mask, visible))
-    o = blk.attend(q, keys, mask[None], blk.attn_sinks)
+            parts.append((st.comp.get(cap), visible[None]))
+    o = blk.attend(q, parts, blk.attn_sinks)
     o = blk.rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
     low = ops.linear(o, blk.attn_output_a)
     return ops.linear(low, blk.attn_output_b)

@@ -123,13 +123,24 @@ def fp8_row(x: Tensor, n_nope: int, n_rot: int) -> Tensor:
     return round_rope_f16(fp8_sim(x, n_nope), n_rot)
 
 
-def attend(q: Tensor, keys: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
-    """Softmax attention with a per-head sink logit; keys double as values. q [T,H,d] -> [T,H,d]."""
-    logits = torch.einsum("thd,kd->thk", q, keys) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+def attend(q: Tensor, parts: list[tuple[Tensor, Tensor]], sinks: Tensor) -> Tensor:
+    """Softmax attention with a per-head sink logit over groups of rows that are both keys and
+    values. q [T, H, d]; each part is (rows [K, d] shared by all queries, or [T, K, d] per query,
+    mask [T, K]). Returns [T, H, d]."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    logits = []
+    for rows, mask in parts:
+        eq = "thd,kd->thk" if rows.dim() == 2 else "thd,tkd->thk"
+        lg = torch.einsum(eq, q, rows) * scale
+        logits.append(lg.masked_fill(~mask[:, None, :], float("-inf")))
     sink = sinks.view(1, -1, 1).expand(q.shape[0], -1, 1)
-    p = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("thk,kd->thd", p, keys)
+    p = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1)
+    out, k0 = 0, 0
+    for (rows, _), lg in zip(parts, logits, strict=True):
+        pk = p[..., k0 : k0 + lg.shape[-1]]
+        out = out + torch.einsum("thk,kd->thd" if rows.dim() == 2 else "thk,tkd->thd", pk, rows)
+        k0 += lg.shape[-1]
+    return out
 
 
 # ---- One transformer block ----
@@ -216,24 +227,32 @@ class Block:
         kv = rms_norm(self.ops.linear(x, self.attn_kv), self.attn_kv_a_norm, s.norm_eps)
         kv = self.cache_row(self.rope(kv, pos, self.freqs))  # [T, head_dim]
 
-        keys, kpos = st.window_with(kv, int(pos[0]))
-        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - s.window)
+        parts = [self.window_part(kv, pos, st)]
         if self.ratio:
             self.compress(x, int(pos[0]), st)
             comp = st.comp_rows()
-            visible = (
-                torch.arange(st.n_comp, device=x.device)[None, :] < (pos[:, None] + 1) // self.ratio
-            )
-            if self.ratio == 4:
-                visible = visible & self.indexer_select(x, qr, pos, st, visible)
-            keys = torch.cat((keys, comp))
-            mask = torch.cat((mask, visible), dim=1)
+            ks = torch.arange(st.n_comp, device=x.device)
+            visible = ks[None, :] < (pos[:, None] + 1) // self.ratio  # [T, n_comp]
+            sel = self.indexer_select(x, qr, pos, st, visible) if self.ratio == 4 else None
+            if sel is None:
+                parts.append((comp, visible))
+            else:  # each query reads only its top-k rows
+                parts.append((comp[sel], visible.gather(1, sel)))
         st.push_window(kv, int(pos[0]))
 
-        o = self.attend(q, keys, mask, self.attn_sinks)
+        o = self.attend(q, parts, self.attn_sinks)
         o = self.rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
         low = self.ops.linear(o, self.attn_output_a)  # group g's rows read o[:, g]
         return self.ops.linear(low, self.attn_output_b)
+
+    def window_part(self, kv: Tensor, pos: Tensor, st: LayerState) -> tuple[Tensor, Tensor]:
+        """Each query's own 128 raw rows (positions t-127..t) as a [T, 128, d] view, and mask."""
+        W, T = self.shape.window, kv.shape[0]
+        keys, _ = st.window_with(kv, int(pos[0]))  # positions p0-P .. p0+T-1
+        pad = kv.new_zeros(W - 1 - (keys.shape[0] - T), kv.shape[1])
+        rows = torch.cat((pad, keys)).unfold(0, W, 1).transpose(1, 2)  # [T, W, d], a view
+        mask = (pos[:, None] - (W - 1) + torch.arange(W, device=kv.device)[None, :]) >= 0
+        return rows, mask
 
     def cache_row(self, kv: Tensor) -> Tensor:
         """What the cache keeps of a K=V row: FP8 no-RoPE dims, 16-bit RoPE dims (quant_sim)."""
@@ -303,11 +322,12 @@ class Block:
     # ---- Lightning indexer (MODEL.md §2.7) ----
     def indexer_select(
         self, x: Tensor, qr: Tensor, pos: Tensor, st: LayerState, visible: Tensor
-    ) -> Tensor:
-        """Mask [T, n_comp] of the compressed rows each query attends: its top-k visible rows."""
+    ) -> Tensor | None:
+        """Rows [T, top_k] each query attends (its top-k visible by indexer score), or None
+        when no query has more than top_k rows to choose from (then all visible rows count)."""
         s, T = self.shape, x.shape[0]
         if st.n_comp <= s.indexer_top_k:
-            return visible  # every visible row is selected; scoring cannot change that
+            return None  # every visible row is selected; scoring cannot change that
         qi = self.ops.linear(qr, self.indexer_attn_q_b).view(
             T, s.n_indexer_head, s.indexer_head_dim
         )
@@ -318,10 +338,9 @@ class Block:
         keys = st.index_rows()
         score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))
         score = score.masked_fill(~visible, float("-inf"))
-        # stable sort: among equal scores the lower row index wins, as in ds4
-        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : s.indexer_top_k]
-        chosen = torch.zeros_like(visible).scatter_(1, top, True)
-        return chosen & visible
+        # stable sort: among equal scores the lower row index wins, as in ds4; a query with
+        # fewer visible rows than top_k also gets invisible ones, which the mask then drops
+        return torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : s.indexer_top_k]
 
     # ---- MoE (MODEL.md §2.9) ----
     def moe(self, x: Tensor, tokens: Tensor) -> Tensor:
