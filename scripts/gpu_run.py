@@ -175,6 +175,7 @@ def stage_full():
     sync()
     res["prefill_8k_tps"] = 8192 / (time.perf_counter() - t0)
     log("prefill 8k", res["prefill_8k_tps"])
+    prof_prefill(sess, ids)
     sess.rewind(4096)
     res["decode_4k_tps"] = 1 / time_decode(sess, 64)
     res["cuda_graph"] = sess._decoder.graph is not None
@@ -197,6 +198,18 @@ def stage_full():
     bench_ids = ids_for(8192 + 64, shape.n_vocab, 7)
     rows = run(eng, bench_ids, frontiers(2048, 8192, 2048, None), 32, 8192 + 64, log=log)
     (OUT / "bench_full_q2.csv").write_text(to_csv(rows))
+
+
+def prof_prefill(sess, ids):
+    from torch.profiler import ProfilerActivity, profile
+
+    sess.rewind(6144)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        sess.sync(ids[:8192])
+        sync()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (OUT / "prefill_profile.txt").write_text(table)
 
 
 def prof(sess):
