@@ -214,6 +214,12 @@ class Session:
             self._checkpoint()
         return self.logits
 
+    def sample(self, sampler, greedy: bool = False) -> int:
+        """Draw the next token from the logits after the last one (a `ds4py.sample.Sampler`)."""
+        if self.logits is None:
+            raise ValueError("the session is empty: sync a prompt first")
+        return sampler.sample(self.logits, greedy=greedy)
+
     @torch.inference_mode()
     def rewind(self, n: int) -> None:
         """Keep the first n tokens: restore the nearest checkpoint <= n, replay the rest."""

@@ -150,3 +150,18 @@ def test_limits_and_bad_tokens(model_path):
     with pytest.raises(ValueError, match="out of range"):
         eng.new_session(16).sync([1, 2, 300])
     assert sess.pos == 15
+
+
+def test_sample_draws_from_the_session_logits(model_path):
+    from ds4py.sample import Sampler, SamplingParams
+
+    eng = Engine.open(model_path)
+    sess = eng.new_session(ctx=64)
+    with pytest.raises(ValueError, match="empty"):
+        sess.sample(Sampler(SamplingParams(seed=1)))
+    logits = sess.sync(tokens(10))
+    assert sess.sample(Sampler(SamplingParams(seed=1)), greedy=True) == int(logits.argmax())
+    draws = [sess.sample(Sampler(SamplingParams(seed=s, temperature=1.0))) for s in range(5)]
+    assert draws == [
+        sess.sample(Sampler(SamplingParams(seed=s, temperature=1.0))) for s in range(5)
+    ]
