@@ -33,6 +33,7 @@ from ds4py.chat import (
     ToolCallEnd,
     render_ids,
 )
+from ds4py.engine import common_prefix
 from ds4py.tokenizer import BOS
 
 DEFAULT_MODEL = "ds4flash.gguf"
@@ -503,7 +504,7 @@ def generate(
     """
 
     turn = Turn()
-    cached = _common_prefix(sess.tokens, ids)
+    cached = common_prefix(sess.tokens, ids)
     turn.prefill_tokens = len(ids) - cached
 
     def on_chunk(done: int, total: int) -> None:
@@ -537,15 +538,6 @@ def generate(
         on_event(ev)
     turn.decode_s = time.perf_counter() - t1
     return turn
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PrefillBar:
@@ -663,7 +655,7 @@ class Chat:
             return None
         if turn.interrupted and not turn.tokens:
             # interrupted before the first token: drop the message, also from the session
-            self.sess.rewind(_common_prefix(self.sess.tokens, self.transcript))
+            self.sess.rewind(common_prefix(self.sess.tokens, self.transcript))
         else:
             self.turns += turn_ids + turn.tokens + [self.tok.eos_id]
         return turn
@@ -706,7 +698,7 @@ class Chat:
         sess = self.engine.new_session(ctx=ctx)
         sess.restore(data[n + 4 + size :])
         transcript = header_ids(self.tok, system, mode, ctx) + turns
-        if _common_prefix(sess.tokens, transcript) != len(sess.tokens):
+        if common_prefix(sess.tokens, transcript) != len(sess.tokens):
             raise CliError(f"{path}: session tokens do not match the saved transcript")
         self.mode, self.system, self.ctx, self.turns, self.sess = mode, system, ctx, turns, sess
 

@@ -32,6 +32,16 @@ Tensor = torch.Tensor
 Progress = Callable[[int, int], None]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class ContextError(ValueError):
     """A prompt or generation that does not fit the session's context."""
 
@@ -187,11 +197,7 @@ class Session:
         if len(ids) >= self.ctx:
             raise ContextError(f"prompt of {len(ids)} tokens exceeds the context of {self.ctx}")
         self.engine.check_tokens(ids)
-        common = 0
-        for a, b in zip(self.tokens, ids, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.tokens, ids)
         if common == len(ids) and common == len(self.tokens):
             return self.logits
         if common < len(self.tokens):

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..engine import common_prefix
 from ..kv.store import KVStore, KVStoreError, SaveDecision, SavePolicy
 from .common import APIError, Done, Failed, Job, Progress, Started, Usage, context_error
 from .generate import generate
@@ -59,15 +60,6 @@ def text_prefix(tok, tokens: list[int], prompt: bytes) -> tuple[int, int]:
         if pos == len(prompt) or prompt[pos] & 0xC0 != 0x80:
             best = (i + 1, pos)
     return best
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Worker:
