@@ -82,7 +82,7 @@ class FloatRows:
     def write(self, idx: Tensor, rows: Tensor) -> None:
         """Store rows at row indices idx (a device tensor, so it works inside a CUDA graph)."""
         for part, value in zip(self.parts, self.encode(rows), strict=True):
-            part.index_copy_(0, idx, value)
+            part[idx] = value
 
     def get(self, n: int) -> Tensor:
         return self.decode([p[:n] for p in self.parts])

@@ -1,7 +1,7 @@
 """One-token decode with static shapes, so the whole step can be captured in a CUDA graph.
 
 The same function as `Transformer.forward` on one token (tests hold the two equal), written so no
-value leaves the device: the position is a tensor, every cache write is an `index_copy_` at a
+value leaves the device: the position is a tensor, every cache write is an indexed store at a
 computed row, attention runs over the whole raw ring and the whole compressed capacity with
 masks, and the compressor pools its open window every step (a row only becomes visible, by the
 count rule, once its window has closed; until then it is rewritten). Weights and helpers are the
@@ -39,7 +39,7 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
     kv = rms_norm(ops.linear(x, blk.attn_kv), blk.attn_kv_a_norm, s.norm_eps)
     kv = blk.cache_row(blk.rope(kv, p, blk.freqs))
     W = s.window
-    st.raw.index_copy_(0, p % W, kv)
+    st.raw[p % W] = kv
     slot = torch.arange(W, device=x.device)
     parts = [(st.raw, ((p - (p - slot) % W) >= 0)[None])]  # ring slot j: position p-(p-j)%W
     if blk.ratio:
@@ -89,8 +89,8 @@ def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
 def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate, ape) -> Tensor:
     r = blk.ratio
     slot = p % r
-    fr.cur_kv.index_copy_(0, slot, blk.ops.linear(x, wkv))
-    fr.cur_score.index_copy_(0, slot, blk.ops.linear(x, wgate) + ape[slot])
+    fr.cur_kv[slot] = blk.ops.linear(x, wkv)
+    fr.cur_score[slot] = blk.ops.linear(x, wgate) + ape[slot]
     if r == 4:
         w = fr.cur_kv.shape[1] // 2
         cand_a = torch.cat((fr.prev_kv[:, :w], fr.cur_kv[:, w:]))
@@ -124,12 +124,14 @@ def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, v
     return rows, torch.ones_like(rows, dtype=torch.bool)
 
 
-def decode_step(model: Transformer, state: KVState, token: Tensor, p: Tensor) -> Tensor:
+def decode_step(
+    model: Transformer, state: KVState, token: Tensor, p: Tensor, step=block_step
+) -> Tensor:
     """Logits [vocab] after token [1] at position p [1]; the state's host counters are not
     touched (the caller advances them: nothing here may read device values)."""
     X = model.embed(token)[:, None, :].expand(-1, model.shape.hc_mult, -1)
     for blk, st in zip(model.blk, state.layers, strict=True):
-        X = block_step(blk, X, token, p, st)
+        X = step(blk, X, token, p, st)
     return model.ops.linear(model.head(X), model.output)[0]
 
 
@@ -145,6 +147,8 @@ class Decoder:
         self.logits: Tensor | None = None
         self.use_graph = dev.type == "cuda"
         self.steps = 0
+        # one compiled block per layer kind (hash/learned x ratio): guards see only those flags
+        self.block_step = model.ops.fuse(block_step)
 
     def step(self, token: int, pos: int) -> Tensor:
         self.token.fill_(token)
@@ -154,10 +158,13 @@ class Decoder:
         elif self.use_graph and self.steps >= 1 and self.capture():
             self.graph.replay()
         else:  # eager: on the CPU, and the first CUDA step (it warms the kernels up)
-            self.logits = decode_step(self.model, self.state, self.token, self.pos)
+            self.logits = self._step()
         self.steps += 1
         self._advance(pos + 1)
         return self.logits
+
+    def _step(self) -> Tensor:
+        return decode_step(self.model, self.state, self.token, self.pos, self.block_step)
 
     def capture(self) -> bool:
         """Record the step once; if some op cannot be captured, stay eager (and say why)."""
@@ -165,7 +172,9 @@ class Decoder:
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g):
-                self.logits = decode_step(self.model, self.state, self.token, self.pos)
+                self.logits = decode_step(
+                    self.model, self.state, self.token, self.pos, self.block_step
+                )
         except RuntimeError as e:
             warnings.warn(
                 f"decode step not captured in a CUDA graph, running eagerly: {e}", stacklevel=2

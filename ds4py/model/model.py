@@ -188,6 +188,7 @@ class Block:
 
     def __init__(self, shape: Shape, layer: int, ops: Ops, quant_sim: bool):
         self.shape, self.layer, self.ops, self.quant_sim = shape, layer, ops, quant_sim
+        self.hash_routed = layer < shape.n_hash_layer
         self.ratio = shape.ratio(layer)
         self.freqs = rope_freqs(shape, compress=self.ratio != 0).to(ops.device)
         # small pointwise regions the backend may fuse into single kernels (decode is launch-bound)
@@ -346,7 +347,7 @@ class Block:
     def moe(self, x: Tensor, tokens: Tensor) -> Tensor:
         s = self.shape
         scores = torch.sqrt(F.softplus(self.ops.linear(x, self.ffn_gate_inp)))  # [T, E]
-        if self.layer < s.n_hash_layer:
+        if self.hash_routed:
             ids = self.ffn_gate_tid2eid[tokens].long()
         else:
             ids = torch.topk(scores + self.exp_probs_b, s.n_expert_used, dim=-1).indices

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 from gguf import GGMLQuantizationType as GQ
@@ -256,7 +255,8 @@ class IQ2_XXS(Format):
         return (db[..., None, None] * grid * signs).reshape(n, QK_K)
 
 
-FORMATS: Mapping[GQ, Format] = MappingProxyType(
+# a plain dict (read-only by convention): torch.compile traces lookups in it, not in a proxy
+FORMATS: Mapping[GQ, Format] = dict(
     {f.qtype: f() for f in (F32, F16, BF16, I32, Q8_0, Q2_K, Q4_K, IQ2_XXS)}
 )
 
@@ -284,7 +284,7 @@ def row_bytes(qtype: GQ | int, ncols: int) -> int:
 # A GPU backend may regroup each row's bytes field by field ("split" layout: same bytes per row,
 # so expert/row slicing still works): byte ranges of a block, in the order they are laid out.
 # Wide aligned loads of the packed quants then need no per-block address arithmetic.
-SPLIT_FIELDS: Mapping[GQ, tuple[tuple[int, int], ...]] = MappingProxyType(
+SPLIT_FIELDS: Mapping[GQ, tuple[tuple[int, int], ...]] = dict(
     {
         GQ.Q8_0: ((2, 34), (0, 2)),  # q (stored as q ^ 0x80: biased unsigned), d
         GQ.Q2_K: ((16, 80), (0, 16), (80, 84)),  # qs, scales, (d, dmin)
