@@ -232,6 +232,8 @@ STAGES = {"check": stage_check, "width": stage_width, "full": stage_full}
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 64  # several shapes in one process
+    torch._logging.set_logs(graph_breaks=True)
     RESULTS["device"] = torch.cuda.get_device_name()
     for name in sys.argv[2:]:
         t0 = time.perf_counter()
