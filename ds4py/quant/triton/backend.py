@@ -33,6 +33,7 @@ class TritonOps(Ops):
         float weights keep their encoding (F16 stays F16: half the bytes of F32)."""
         return prepared(w.to(self.device))
 
+    @torch.compiler.disable  # launched as written, also inside fused regions
     def linear(self, x: torch.Tensor, w: QTensor) -> torch.Tensor:
         ref.check_linear(x, w)
         if not kernel_ok(w) or w.qtype == GQ.F32:
@@ -44,6 +45,7 @@ class TritonOps(Ops):
             return ref.linear(x, w)
         return gemm(x, w, self.tabs)
 
+    @torch.compiler.disable  # launched as written, also inside fused regions
     def moe(
         self,
         x: torch.Tensor,
@@ -67,6 +69,7 @@ class TritonOps(Ops):
             self._fused[fn] = torch.compile(fn, dynamic=None)
         return self._fused[fn]
 
+    @torch.compiler.disable  # launched as written, also inside fused regions
     def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
         if X.shape[1] != 4:
             return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
