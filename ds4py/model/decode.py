@@ -47,8 +47,8 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
         cap = st.comp.cap
         visible = torch.arange(cap, device=x.device) < (p + 1) // blk.ratio
         if blk.ratio == 4:
-            rows, chosen = indexer_step(blk, x, qr, p, st, visible)
-            parts.append((st.comp.gather(rows), (visible[rows] & chosen)[None]))
+            rows = indexer_step(blk, x, qr, p, st, visible)
+            parts.append((st.comp.gather(rows), visible[rows][None]))
         else:
             parts.append((st.comp.get(cap), visible[None]))
     o = blk.attend(q, parts, blk.attn_sinks)
@@ -108,7 +108,8 @@ def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate,
 
 
 def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, visible: Tensor):
-    """(rows [k], chosen [k]): the top-k visible compressed rows by indexer score."""
+    """Rows [k]: the top-k compressed rows by indexer score, visible ones first (a query with
+    fewer than k visible rows also gets invisible ones, which the caller's mask drops)."""
     s = blk.shape
     qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(1, s.n_indexer_head, s.indexer_head_dim)
     qi = blk.rope(qi, p, blk.freqs)
@@ -120,8 +121,7 @@ def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, v
     score = score.masked_fill(~visible, float("-inf"))
     k = min(s.indexer_top_k, score.shape[0])
     # stable: among equal scores the lower row wins, as in the chunked path (and ds4)
-    rows = torch.sort(score, descending=True, stable=True).indices[:k]
-    return rows, torch.ones_like(rows, dtype=torch.bool)
+    return torch.sort(score, descending=True, stable=True).indices[:k]
 
 
 def decode_step(
