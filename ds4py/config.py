@@ -278,5 +278,5 @@ class EngineOptions:
 
     device: str = "cpu"
     quant_sim: bool = True  # FP8 KV / FP4 indexer round trips and 16-bit cache rounding
-    prefill_chunk: int = 2048  # tokens per prefill chunk (ds4's ubatch)
+    prefill_chunk: int = 0  # tokens per prefill chunk (ds4's ubatch); 0: 8192 on CUDA, else 2048
     checkpoints: int = 8  # frontier checkpoints kept per session for cheap rewinds

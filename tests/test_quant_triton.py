@@ -131,6 +131,24 @@ def test_moe_prefill(gate_t, down_t):
     got = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)
     assert _rel(got, moe_ref(x, ids, wts, gate, up, down, 1.0)) < 2e-2
     assert torch.equal(moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID), got)
+    # experts dequantized to bf16 copies, two at a time; experts 2, 3 (one group) get no token
+    ids = torch.tensor([0, 1, 4, 5], device=ids.device)[_routing(11, 4, 3, seed=8)[0]]
+    want = moe_ref(x, ids, wts, gate, up, down, 1.0)
+    dense = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID, dense_group=2)
+    assert _rel(dense, want) < 2e-2
+    assert _rel(dense, moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)) < 1e-2
+
+
+def test_dequantize_bf16_experts_equal_reference():
+    gate, _, down = _experts(GQ.IQ2_XXS, GQ.Q2_K, n_exp=3)
+    for w in (gate, down):
+        got = tiles.dequantize(w, GRID, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == w.shape
+        want = w.dequantize()
+        if CUDA:  # round to nearest even, as torch does
+            assert torch.equal(got, want.to(torch.bfloat16))
+        else:  # the interpreter's bf16 cast truncates: within one bf16 step of the value
+            assert ((got.float() - want).abs() <= want.abs() * 2.0**-7).all()
 
 
 def test_backend_dispatch_matches_reference():

@@ -16,81 +16,103 @@ import warnings
 import torch
 
 from ..kv.state import CompressorState, KVState, LayerState
-from .model import Block, Transformer, rms_norm
+from .model import (
+    Block,
+    Transformer,
+    attend,
+    fp4_sim,
+    fp8_row,
+    hadamard_matrix,
+    rms_norm,
+    rope_table,
+    rotate,
+)
 
 Tensor = torch.Tensor
 
 
-def block_step(blk: Block, X: Tensor, token: Tensor, p: Tensor, st: LayerState) -> Tensor:
+def block_step(blk: Block, X: Tensor, token: Tensor, p: Tensor, st: LayerState, kernels) -> Tensor:
     """One block on one token: X [1, hc, D] at position p [1]."""
     u, post, comb = blk.hc_pre(X, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base)
-    y = attention_step(blk, rms_norm(u, blk.attn_norm, blk.shape.norm_eps), p, st)
+    y = attention_step(blk, rms_norm(u, blk.attn_norm, blk.shape.norm_eps), p, st, kernels)
     X = blk.hc_post(X, y, post, comb)
     u, post, comb = blk.hc_pre(X, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base)
     y = blk.moe(rms_norm(u, blk.ffn_norm, blk.shape.norm_eps), token)
     return blk.hc_post(X, y, post, comb)
 
 
-def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> Tensor:
+def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState, kernels: dict) -> Tensor:
     s, ops = blk.shape, blk.ops
-    qr = rms_norm(ops.linear(x, blk.attn_q_a), blk.attn_q_a_norm, s.norm_eps)
+    cs = rope_table(p, blk.freqs)
+    qa, kv = ops.linears(x, (blk.attn_q_a, blk.attn_kv))
+    qr = rms_norm(qa, blk.attn_q_a_norm, s.norm_eps)
     q = ops.linear(qr, blk.attn_q_b).view(1, s.n_head, s.head_dim)
-    q = blk.rope(rms_norm(q, None, s.norm_eps), p, blk.freqs)
-    kv = rms_norm(ops.linear(x, blk.attn_kv), blk.attn_kv_a_norm, s.norm_eps)
-    kv = blk.cache_row(blk.rope(kv, p, blk.freqs))
-    W = s.window
-    st.raw[p % W] = kv
-    slot = torch.arange(W, device=x.device)
-    parts = [(st.raw, ((p - (p - slot) % W) >= 0)[None])]  # ring slot j: position p-(p-j)%W
+    q = blk.rotate(rms_norm(q, None, s.norm_eps), *cs)
+    kv = blk.cache_row(blk.rotate(rms_norm(kv, blk.attn_kv_a_norm, s.norm_eps), *cs))
+    st.raw[p % s.window] = kv
+    rows = idx = None
     if blk.ratio:
-        compress_step(blk, x, p, st)
-        cap = st.comp.cap
-        visible = torch.arange(cap, device=x.device) < (p + 1) // blk.ratio
+        proj = ops.linears(x, blk.compressor_weights())
+        compress_step(blk, proj, p, st, kernels)
+        rows = st.comp
         if blk.ratio == 4:
-            rows = indexer_step(blk, x, qr, p, st, visible)
-            parts.append((st.comp.gather(rows), visible[rows][None]))
-        else:
-            parts.append((st.comp.get(cap), visible[None]))
-    o = blk.attend(q, parts, blk.attn_sinks)
-    o = blk.rope(o, p, blk.freqs, inverse=True).view(1, s.o_groups, -1)
+            idx = indexer_step(blk, proj[4], qr, cs, p, st, kernels)
+    o = kernels["attend"](q[0], st.raw, p, rows, idx, blk.ratio, blk.attn_sinks)
+    o = blk.rotate(o[None], *cs, inverse=True).view(1, s.o_groups, -1)
     low = ops.linear(o, blk.attn_output_a)
     return ops.linear(low, blk.attn_output_b)
 
 
-def compress_step(blk: Block, x: Tensor, p: Tensor, st: LayerState) -> None:
-    """Feed the token to the compressors; (re)write row p // ratio from the open window."""
+def attend_step(q: Tensor, raw: Tensor, p: Tensor, rows, idx, ratio: int, sinks: Tensor) -> Tensor:
+    """o [H, d] for one query q [H, d]: the raw ring (slot j holds position p - (p-j) % W,
+    valid when >= 0), then compressed rows idx (or all) of `rows`, visible below (p+1)//ratio."""
+    W = raw.shape[0]
+    slot = torch.arange(W, device=q.device)
+    parts = [(raw, ((p - (p - slot) % W) >= 0)[None])]
+    if rows is not None:
+        cap = rows.cap
+        visible = torch.arange(cap, device=q.device) < (p + 1) // ratio
+        if idx is None:
+            parts.append((rows.get(cap), visible[None]))
+        else:
+            parts.append((rows.gather(idx), visible[idx][None]))
+    return attend(q[None], parts, sinks)[0]
+
+
+def compress_step(blk: Block, proj: tuple, p: Tensor, st: LayerState, kernels: dict) -> None:
+    """Feed the token (its compressor projections) to the compressors; (re)write row
+    p // ratio from the open window."""
     s, r = blk.shape, blk.ratio
-    k = p // r
-    row = pool_step(
-        blk,
-        x,
-        p,
-        st.attn_frontier,
-        blk.attn_compressor_kv,
-        blk.attn_compressor_gate,
-        blk.attn_compressor_ape,
-    )
-    row = rms_norm(row, blk.attn_compressor_norm, s.norm_eps)
-    st.comp.write(k, blk.cache_row(blk.rope(row, k * r, blk.freqs)))
+    cos, sin = rope_table((p // r) * r, blk.freqs)
+    compress, sim = kernels["compress"], blk.quant_sim
+    cos, sin, eps = cos[0], sin[0], s.norm_eps
+    ape, norm = blk.attn_compressor_ape, blk.attn_compressor_norm
+    compress(proj[0], proj[1], ape, p, st.attn_frontier, norm, eps, cos, sin, st.comp, None, sim)
     if r == 4:
-        row = pool_step(
-            blk,
-            x,
-            p,
-            st.index_frontier,
-            blk.indexer_compressor_kv,
-            blk.indexer_compressor_gate,
-            blk.indexer_compressor_ape,
-        )
-        row = blk.rope(rms_norm(row, blk.indexer_compressor_norm, s.norm_eps), k * r, blk.freqs)
-        st.index.write(k, blk.fp4(row) if blk.quant_sim else row)
+        had = hadamard_matrix(s.indexer_head_dim, p.device, torch.float32) if sim else None
+        ape, norm, fr = blk.indexer_compressor_ape, blk.indexer_compressor_norm, st.index_frontier
+        compress(proj[2], proj[3], ape, p, fr, norm, eps, cos, sin, st.index, had, sim)
 
 
-def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate, ape) -> Tensor:
-    r = blk.ratio
+def compress_row(a, b, ape, p, fr: CompressorState, norm, eps, cos, sin, rows, had, sim) -> None:
+    """One compressor, one token: pool the open window (a, b: the token's kv and gate
+    projections [1, coff*w]), norm, RoPE at the row's position (cos, sin [n_rot/2]), then with
+    `sim` the cache's round trip (indexer, `had` given: Hadamard + FP4; else the FP8 row)
+    into row p // ratio of `rows`."""
+    row = rotate(rms_norm(pool_step(a, b, ape, p, fr), norm, eps), cos[None], sin[None])
+    if sim and had is not None:
+        row = fp4_sim(row)
+    elif sim:
+        n_rot = cos.shape[0] * 2
+        row = fp8_row(row, row.shape[1] - n_rot, n_rot)
+    rows.write(p // fr.ratio, row)
+
+
+def pool_step(a: Tensor, b: Tensor, ape: Tensor, p: Tensor, fr: CompressorState) -> Tensor:
+    r = fr.ratio
     slot = p % r
-    fr.cur_kv[slot] = blk.ops.linear(x, wkv)
-    fr.cur_score[slot] = blk.ops.linear(x, wgate) + ape[slot]
+    fr.cur_kv[slot] = a
+    fr.cur_score[slot] = b + ape[slot]
     if r == 4:
         w = fr.cur_kv.shape[1] // 2
         cand_a = torch.cat((fr.prev_kv[:, :w], fr.cur_kv[:, w:]))
@@ -107,32 +129,44 @@ def pool_step(blk: Block, x: Tensor, p: Tensor, fr: CompressorState, wkv, wgate,
     return (e * cand_a).sum(0, keepdim=True) / e.sum(0, keepdim=True)
 
 
-def indexer_step(blk: Block, x: Tensor, qr: Tensor, p: Tensor, st: LayerState, visible: Tensor):
-    """Rows [k]: the top-k compressed rows by indexer score, visible ones first (a query with
-    fewer than k visible rows also gets invisible ones, which the caller's mask drops)."""
+def indexer_step(blk: Block, wp, qr, cs, p: Tensor, st: LayerState, kernels: dict) -> Tensor:
+    """Rows [k] the token attends on a ratio-4 layer (wp: its indexer_proj product)."""
     s = blk.shape
-    qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(1, s.n_indexer_head, s.indexer_head_dim)
-    qi = blk.rope(qi, p, blk.freqs)
+    qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(s.n_indexer_head, s.indexer_head_dim)
+    qi = blk.rotate(qi[None], *cs)[0]
     if blk.quant_sim:
         qi = blk.fp4(qi)
-    w = blk.ops.linear(x, blk.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
-    keys = st.index.get(st.index.cap)
-    score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))[0]
+    w = wp[0] / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
+    k = min(s.indexer_top_k, st.index.cap)
+    return kernels["indexer_topk"](qi, w, st.index, p, blk.ratio, k)
+
+
+def indexer_topk(qi: Tensor, w: Tensor, rows, p: Tensor, ratio: int, k: int) -> Tensor:
+    """The k rows of highest score sum_h w_h relu(qi_h . row) among the visible ones (ids
+    below (p+1)//ratio; ties to the lower id; invisible ids fill up when fewer are visible)."""
+    keys = rows.get(rows.cap)
+    score = torch.einsum("th,thk->tk", w[None], torch.relu(qi[None] @ keys.T))[0]
+    visible = torch.arange(rows.cap, device=qi.device) < (p + 1) // ratio
     score = score.masked_fill(~visible, float("-inf"))
-    k = min(s.indexer_top_k, score.shape[0])
     # stable: among equal scores the lower row wins, as in the chunked path (and ds4)
     return torch.sort(score, descending=True, stable=True).indices[:k]
 
 
 def decode_step(
-    model: Transformer, state: KVState, token: Tensor, p: Tensor, step=block_step
+    model: Transformer, state: KVState, token: Tensor, p: Tensor, step=block_step, kernels=None
 ) -> Tensor:
     """Logits [vocab] after token [1] at position p [1]; the state's host counters are not
     touched (the caller advances them: nothing here may read device values)."""
+    kernels = kernels or REFERENCE
     X = model.embed(token)[:, None, :].expand(-1, model.shape.hc_mult, -1)
     for blk, st in zip(model.blk, state.layers, strict=True):
-        X = step(blk, X, token, p, st)
+        X = step(blk, X, token, p, st, kernels)
     return model.ops.linear(model.head(X), model.output)[0]
+
+
+# The step's three fused regions as plain torch (the definition); `Ops.decode_kernels` may
+# swap in kernels with the same signatures.
+REFERENCE = {"attend": attend_step, "compress": compress_row, "indexer_topk": indexer_topk}
 
 
 class Decoder:
@@ -149,6 +183,7 @@ class Decoder:
         self.steps = 0
         # one compiled block per layer kind (hash/learned x ratio): guards see only those flags
         self.block_step = model.ops.fuse(block_step)
+        self.kernels = model.ops.decode_kernels(REFERENCE)
 
     def step(self, token: int, pos: int) -> Tensor:
         self.token.fill_(token)
@@ -164,7 +199,9 @@ class Decoder:
         return self.logits
 
     def _step(self) -> Tensor:
-        return decode_step(self.model, self.state, self.token, self.pos, self.block_step)
+        return decode_step(
+            self.model, self.state, self.token, self.pos, self.block_step, self.kernels
+        )
 
     def capture(self) -> bool:
         """Record the step once; if some op cannot be captured, stay eager (and say why)."""
@@ -172,9 +209,7 @@ class Decoder:
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g):
-                self.logits = decode_step(
-                    self.model, self.state, self.token, self.pos, self.block_step
-                )
+                self.logits = self._step()
         except RuntimeError as e:
             warnings.warn(
                 f"decode step not captured in a CUDA graph, running eagerly: {e}", stacklevel=2

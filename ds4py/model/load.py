@@ -179,5 +179,10 @@ def bind(
         else:
             value = ops.prepare(q)
         setattr(target, attr, value)
+    for blk in model.blk:
+        for names in blk.SHARED_INPUT:
+            present = [n for n in names if getattr(blk, n, None) is not None]
+            for n, w in zip(present, ops.merge([getattr(blk, n) for n in present]), strict=True):
+                setattr(blk, n, w)
     if progress:
         progress(len(specs), len(specs))

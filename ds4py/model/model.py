@@ -22,6 +22,7 @@ from ..quant.formats import QTensor
 from ..quant.ops import Ops
 
 Tensor = torch.Tensor
+QUERY_BLOCK = 1024  # prefill queries per attention pass: bounds the gathered rows' memory
 
 # ---- Small math: norms, RoPE, quantization round trips ----
 
@@ -52,11 +53,16 @@ def rope_freqs(shape: Shape, compress: bool) -> Tensor:
     return g * keep + g / shape.rope_scaling_factor * (1 - keep)
 
 
-def rope(x: Tensor, pos: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor:
-    """Rotate adjacent pairs of the last len(freqs)*2 dims of x [T, ..., W] at positions pos [T]."""
-    n = freqs.numel() * 2
-    ang = pos.to(torch.float64)[:, None] * freqs[None, :]  # [T, n/2], float64: exact angles
-    cos, sin = ang.cos().float(), ang.sin().float()
+def rope_table(pos: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, sin) [T, n/2] float32 at positions pos [T]; angles in float64, so they are exact.
+    Computed once per chunk and layer kind: recomputing them per head cost prefill ~10 %."""
+    ang = pos.to(torch.float64)[:, None] * freqs[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate adjacent pairs of the last cos.shape[-1]*2 dims of x [T, ..., W] by the angles."""
+    n = cos.shape[-1] * 2
     if inverse:
         sin = -sin
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (n // 2,)
@@ -64,6 +70,11 @@ def rope(x: Tensor, pos: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor
     a, b = x[..., -n::2], x[..., -n + 1 :: 2]
     rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
     return torch.cat((x[..., :-n], rot), dim=-1)
+
+
+def rope(x: Tensor, pos: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate adjacent pairs of the last len(freqs)*2 dims of x [T, ..., W] at positions pos [T]."""
+    return rotate(x, *rope_table(pos, freqs), inverse=inverse)
 
 
 def _pow2_ceil(v: Tensor) -> Tensor:
@@ -123,22 +134,20 @@ def fp8_row(x: Tensor, n_nope: int, n_rot: int) -> Tensor:
     return round_rope_f16(fp8_sim(x, n_nope), n_rot)
 
 
-def attend(q: Tensor, parts: list[tuple[Tensor, Tensor]], sinks: Tensor) -> Tensor:
+def attend(q: Tensor, parts: list[tuple[Tensor, Tensor]], sinks: Tensor, mm=torch.matmul) -> Tensor:
     """Softmax attention with a per-head sink logit over groups of rows that are both keys and
     values. q [T, H, d]; each part is (rows [K, d] shared by all queries, or [T, K, d] per query,
-    mask [T, K]). Returns [T, H, d]."""
+    mask [T, K]). Returns [T, H, d]. `mm` is the backend's float32-result matmul."""
     scale = 1 / math.sqrt(q.shape[-1])
     logits = []
     for rows, mask in parts:
-        eq = "thd,kd->thk" if rows.dim() == 2 else "thd,tkd->thk"
-        lg = torch.einsum(eq, q, rows) * scale
+        lg = mm(q, rows.transpose(-1, -2)) * scale
         logits.append(lg.masked_fill(~mask[:, None, :], float("-inf")))
     sink = sinks.view(1, -1, 1).expand(q.shape[0], -1, 1)
     p = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1)
     out, k0 = 0, 0
     for (rows, _), lg in zip(parts, logits, strict=True):
-        pk = p[..., k0 : k0 + lg.shape[-1]]
-        out = out + torch.einsum("thk,kd->thd" if rows.dim() == 2 else "thk,tkd->thd", pk, rows)
+        out = out + mm(p[..., k0 : k0 + lg.shape[-1]], rows)
         k0 += lg.shape[-1]
     return out
 
@@ -148,6 +157,15 @@ def attend(q: Tensor, parts: list[tuple[Tensor, Tensor]], sinks: Tensor) -> Tens
 
 class Block:
     """Layer `blk.{layer}`: attention half and MoE half, each wrapped in mHC."""
+
+    # Weights multiplied by the same input (`Ops.linears`); a backend may store each group as
+    # one matrix at load (`Ops.merge`) and run it as one product.
+    SHARED_INPUT = (
+        ("attn_q_a", "attn_kv"),
+        ("attn_compressor_kv", "attn_compressor_gate")
+        + ("indexer_compressor_kv", "indexer_compressor_gate", "indexer_proj"),
+        ("ffn_gate_shexp", "ffn_up_shexp"),
+    )
 
     # Weight attributes (bound by load.py, named after the GGUF tensors; absent ones stay None).
     hc_attn_fn: QTensor
@@ -192,7 +210,7 @@ class Block:
         self.ratio = shape.ratio(layer)
         self.freqs = rope_freqs(shape, compress=self.ratio != 0).to(ops.device)
         # small pointwise regions the backend may fuse into single kernels (decode is launch-bound)
-        self.rope, self.attend = ops.fuse(rope), ops.fuse(attend)
+        self.rotate, self.attend = ops.fuse(rotate), ops.fuse(attend)
         self.fp4, self.fp8_row = ops.fuse(fp4_sim), ops.fuse(fp8_row)
 
     def forward(self, X: Tensor, tokens: Tensor, pos: Tensor, st: LayerState) -> Tensor:
@@ -222,27 +240,40 @@ class Block:
     # ---- Attention (MODEL.md §3.2 steps 2–8) ----
     def attention(self, x: Tensor, pos: Tensor, st: LayerState) -> Tensor:
         s, T = self.shape, x.shape[0]
-        qr = rms_norm(self.ops.linear(x, self.attn_q_a), self.attn_q_a_norm, s.norm_eps)
+        cs = rope_table(pos, self.freqs)
+        qa, kv = self.ops.linears(x, (self.attn_q_a, self.attn_kv))
+        qr = rms_norm(qa, self.attn_q_a_norm, s.norm_eps)
         q = self.ops.linear(qr, self.attn_q_b).view(T, s.n_head, s.head_dim)
-        q = self.rope(rms_norm(q, None, s.norm_eps), pos, self.freqs)
-        kv = rms_norm(self.ops.linear(x, self.attn_kv), self.attn_kv_a_norm, s.norm_eps)
-        kv = self.cache_row(self.rope(kv, pos, self.freqs))  # [T, head_dim]
+        q = self.rotate(rms_norm(q, None, s.norm_eps), *cs)
+        kv = rms_norm(kv, self.attn_kv_a_norm, s.norm_eps)
+        kv = self.cache_row(self.rotate(kv, *cs))  # [T, head_dim]
 
-        parts = [self.window_part(kv, pos, st)]
+        dt = self.ops.attn_dtype  # rows are exact in float16 (FP8 / F16 parts)
+        win_rows, win_mask = self.window_part(kv.to(dt), pos, st)
         if self.ratio:
-            self.compress(x, int(pos[0]), st)
-            comp = st.comp_rows()
+            proj = self.ops.linears(x, self.compressor_weights())
+            self.compress(proj, int(pos[0]), st)
+            comp = st.comp_rows().to(dt)
             ks = torch.arange(st.n_comp, device=x.device)
             visible = ks[None, :] < (pos[:, None] + 1) // self.ratio  # [T, n_comp]
-            sel = self.indexer_select(x, qr, pos, st, visible) if self.ratio == 4 else None
-            if sel is None:
-                parts.append((comp, visible))
-            else:  # each query reads only its top-k rows
-                parts.append((comp[sel], visible.gather(1, sel)))
         st.push_window(kv, int(pos[0]))
 
-        o = self.attend(q, parts, self.attn_sinks)
-        o = self.rope(o, pos, self.freqs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
+        outs = []  # queries in blocks: per-query gathered rows would not fit for long chunks
+        for i in range(0, T, QUERY_BLOCK):
+            b = slice(i, i + QUERY_BLOCK)
+            parts = [(win_rows[b], win_mask[b])]
+            if self.ratio:
+                sel = None
+                if self.ratio == 4:
+                    cs_b = (cs[0][b], cs[1][b])
+                    sel = self.indexer_select(proj[4][b], qr[b], cs_b, st, visible[b])
+                if sel is None:
+                    parts.append((comp, visible[b]))
+                else:  # each query reads only its top-k rows
+                    parts.append((comp[sel], visible[b].gather(1, sel)))
+            outs.append(self.attend(q[b], parts, self.attn_sinks, self.ops.matmul))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        o = self.rotate(o, *cs, inverse=True).view(T, s.o_groups, -1)  # [T, G, group_in]
         low = self.ops.linear(o, self.attn_output_a)  # group g's rows read o[:, g]
         return self.ops.linear(low, self.attn_output_b)
 
@@ -250,6 +281,7 @@ class Block:
         """Each query's own 128 raw rows (positions t-127..t) as a [T, 128, d] view, and mask."""
         W, T = self.shape.window, kv.shape[0]
         keys, _ = st.window_with(kv, int(pos[0]))  # positions p0-P .. p0+T-1
+        keys = keys.to(kv.dtype)
         pad = kv.new_zeros(W - 1 - (keys.shape[0] - T), kv.shape[1])
         rows = torch.cat((pad, keys)).unfold(0, W, 1).transpose(1, 2)  # [T, W, d], a view
         mask = (pos[:, None] - (W - 1) + torch.arange(W, device=kv.device)[None, :]) >= 0
@@ -262,42 +294,35 @@ class Block:
         return self.fp8_row(kv, self.shape.n_nope, self.shape.n_rot)
 
     # ---- Compressors (MODEL.md §2.6) ----
-    def compress(self, x: Tensor, p0: int, st: LayerState) -> None:
-        rows = self.pool(
-            x,
-            p0,
-            st.attn_frontier,
-            self.attn_compressor_kv,
-            self.attn_compressor_gate,
-            self.attn_compressor_ape,
-        )
+    def compressor_weights(self) -> tuple[QTensor, ...]:
+        """The projections of the attention input the compressors (and the indexer) read:
+        kv, gate (attention compressor), then on ratio-4 layers kv, gate, proj (indexer)."""
+        ws = (self.attn_compressor_kv, self.attn_compressor_gate)
+        if self.ratio == 4:
+            ws += (self.indexer_compressor_kv, self.indexer_compressor_gate, self.indexer_proj)
+        return ws
+
+    def compress(self, proj: tuple[Tensor, ...], p0: int, st: LayerState) -> None:
+        """proj: the `compressor_weights` products of the chunk's tokens."""
+        rows = self.pool(proj[0], proj[1], p0, st.attn_frontier, self.attn_compressor_ape)
         k0 = st.n_comp
         if rows.shape[0]:
             rows = rms_norm(rows, self.attn_compressor_norm, self.shape.norm_eps)
-            rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
-            st.append_comp(self.cache_row(self.rope(rows, rpos, self.freqs)))
+            rpos = (k0 + torch.arange(rows.shape[0], device=rows.device)) * self.ratio
+            st.append_comp(self.cache_row(self.rotate(rows, *rope_table(rpos, self.freqs))))
         if self.ratio == 4:
-            rows = self.pool(
-                x,
-                p0,
-                st.index_frontier,
-                self.indexer_compressor_kv,
-                self.indexer_compressor_gate,
-                self.indexer_compressor_ape,
-            )
+            rows = self.pool(proj[2], proj[3], p0, st.index_frontier, self.indexer_compressor_ape)
             if rows.shape[0]:
                 rows = rms_norm(rows, self.indexer_compressor_norm, self.shape.norm_eps)
-                rpos = (k0 + torch.arange(rows.shape[0], device=x.device)) * self.ratio
-                rows = self.rope(rows, rpos, self.freqs)
+                rpos = (k0 + torch.arange(rows.shape[0], device=rows.device)) * self.ratio
+                rows = self.rotate(rows, *rope_table(rpos, self.freqs))
                 st.append_index(self.fp4(rows) if self.quant_sim else rows)
 
-    def pool(
-        self, x: Tensor, p0: int, fr: CompressorState, wkv: QTensor, wgate: QTensor, ape: Tensor
-    ) -> Tensor:
-        """Feed tokens at p0.. to a compressor; return the pooled rows of the windows they close."""
-        r, T = self.ratio, x.shape[0]
-        a = self.ops.linear(x, wkv)  # [T, coff*w]
-        b = self.ops.linear(x, wgate) + ape[(p0 + torch.arange(T, device=x.device)) % r]
+    def pool(self, a: Tensor, b: Tensor, p0: int, fr: CompressorState, ape: Tensor) -> Tensor:
+        """Feed tokens at p0.. (their kv and gate projections a, b [T, coff*w]) to a compressor;
+        return the pooled rows of the windows they close."""
+        r, T = self.ratio, a.shape[0]
+        b = b + ape[(p0 + torch.arange(T, device=a.device)) % r]
         n_pend = p0 % r
         A = torch.cat((fr.cur_kv[:n_pend], a))  # tokens from the window start p0 - n_pend
         B = torch.cat((fr.cur_score[:n_pend], b))
@@ -322,22 +347,32 @@ class Block:
 
     # ---- Lightning indexer (MODEL.md §2.7) ----
     def indexer_select(
-        self, x: Tensor, qr: Tensor, pos: Tensor, st: LayerState, visible: Tensor
+        self, wp: Tensor, qr: Tensor, cs: tuple[Tensor, Tensor], st: LayerState, visible: Tensor
     ) -> Tensor | None:
         """Rows [T, top_k] each query attends (its top-k visible by indexer score), or None
-        when no query has more than top_k rows to choose from (then all visible rows count)."""
-        s, T = self.shape, x.shape[0]
+        when no query has more than top_k rows to choose from (then all visible rows count).
+        wp: the queries' indexer_proj products (head weights)."""
+        s, T = self.shape, qr.shape[0]
         if st.n_comp <= s.indexer_top_k:
             return None  # every visible row is selected; scoring cannot change that
         qi = self.ops.linear(qr, self.indexer_attn_q_b).view(
             T, s.n_indexer_head, s.indexer_head_dim
         )
-        qi = self.rope(qi, pos, self.freqs)
+        qi = self.rotate(qi, *cs)
         if self.quant_sim:
             qi = self.fp4(qi)
-        w = self.ops.linear(x, self.indexer_proj) / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
-        keys = st.index_rows()
-        score = torch.einsum("th,thk->tk", w, torch.relu(torch.einsum("thd,kd->thk", qi, keys)))
+        w = wp / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
+        keys = st.index_rows().to(self.ops.attn_dtype).T  # FP4 rows: exact in float16
+        # [t, h, k] products in query slices of <= 2^28 values (long contexts)
+        step = max(1, (1 << 28) // (s.n_indexer_head * keys.shape[1]))
+        score = torch.cat(
+            [
+                torch.einsum(
+                    "th,thk->tk", w[i : i + step], self.ops.matmul(qi[i : i + step], keys).relu()
+                )
+                for i in range(0, T, step)
+            ]
+        )
         score = score.masked_fill(~visible, float("-inf"))
         # stable sort: among equal scores the lower row index wins, as in ds4; a query with
         # fewer visible rows than top_k also gets invisible ones, which the mask then drops
@@ -360,8 +395,8 @@ class Block:
 
     def shared_expert(self, x: Tensor) -> Tensor:
         c = self.shape.swiglu_clamp
-        g = self.ops.linear(x, self.ffn_gate_shexp).clamp(max=c)
-        v = self.ops.linear(x, self.ffn_up_shexp).clamp(-c, c)
+        g, v = self.ops.linears(x, (self.ffn_gate_shexp, self.ffn_up_shexp))
+        g, v = g.clamp(max=c), v.clamp(-c, c)
         return self.ops.linear(F.silu(g) * v, self.ffn_down_shexp)
 
 

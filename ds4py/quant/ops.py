@@ -21,6 +21,7 @@ class Ops:
     """Torch reference backend; `for_device` returns a faster subclass where one applies."""
 
     name = "torch"
+    attn_dtype = torch.float32  # what attention / indexer rows are handed to `matmul` as
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -45,6 +46,16 @@ class Ops:
         """x [T, in] (or grouped [T, G, in], MODEL.md §2.8) f32, w (out, in) -> [T, out] f32."""
         return ref.linear(x, w)
 
+    def linears(self, x: torch.Tensor, ws: tuple[QTensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`linear(x, w)` for each w: products of one input (one launch where `merge` joined
+        them)."""
+        return tuple(self.linear(x, w) for w in ws)
+
+    def merge(self, ws: list[QTensor]) -> list[QTensor]:
+        """At load: weights that `linears` multiplies together; a backend may return them as
+        views of one joined matrix (same values, same memory)."""
+        return ws
+
     def moe(
         self,
         x: torch.Tensor,
@@ -61,6 +72,15 @@ class Ops:
     def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
         """mHC pre from the unnormalised mixing logits v = fn . X_flat: (u, post, comb)."""
         return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b (broadcast batch dims) with a float32 result: attention and indexer products."""
+        return torch.matmul(a.float(), b.float())
+
+    def decode_kernels(self, reference: dict) -> dict:
+        """The decode step's fused regions (model/decode.py `REFERENCE`: name -> function); a
+        backend replaces those it has kernels for, keeping the signatures."""
+        return dict(reference)
 
     def fuse(self, fn):
         """A pointwise region the model may run as fused kernels; the reference runs it as is."""

@@ -22,11 +22,13 @@ from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
 
 class TritonOps(Ops):
     name = "triton"
+    attn_dtype = torch.float16
 
     def __init__(self, device: torch.device | str) -> None:
         super().__init__(device)
         self.tabs = tables(self.device)
         self._fused: dict = {}
+        self._joined: dict[tuple[int, ...], QTensor] = {}  # views' data pointers -> joined matrix
 
     def prepare(self, w: QTensor) -> QTensor:
         """Move to the device and regroup block bytes per row (split layout, same size);
@@ -45,6 +47,35 @@ class TritonOps(Ops):
             return ref.linear(x, w)
         return gemm(x, w, self.tabs)
 
+    def merge(self, ws: list[QTensor]) -> list[QTensor]:
+        # one matrix of all rows: decode runs one GEMV instead of 2-5 small ones (each small
+        # GEMV pays ~3 us of ramp-up and tail for 1-9 MB of weights)
+        first = ws[0] if ws else None
+        if len(ws) < 2 or any(
+            w.qtype != first.qtype
+            or w.layout != first.layout
+            or len(w.shape) != 2
+            or w.shape[1] != first.shape[1]
+            or not kernel_ok(w)
+            for w in ws
+        ):
+            return ws
+        joined = torch.cat([w.data for w in ws])
+        whole = QTensor(joined, first.qtype, (joined.shape[0], first.shape[1]), first.layout)
+        views, r0 = [], 0
+        for w in ws:
+            views.append(QTensor(joined[r0 : r0 + w.shape[0]], w.qtype, w.shape, w.layout))
+            r0 += w.shape[0]
+        self._joined[tuple(v.data.data_ptr() for v in views)] = whole
+        return views
+
+    @torch.compiler.disable  # launched as written, also inside fused regions
+    def linears(self, x: torch.Tensor, ws: tuple[QTensor, ...]) -> tuple[torch.Tensor, ...]:
+        whole = self._joined.get(tuple(w.data.data_ptr() for w in ws))
+        if whole is None:
+            return tuple(self.linear(x, w) for w in ws)
+        return self.linear(x, whole).split([w.shape[0] for w in ws], dim=-1)
+
     @torch.compiler.disable  # launched as written, also inside fused regions
     def moe(
         self,
@@ -60,7 +91,20 @@ class TritonOps(Ops):
             return ref.moe(x, ids, weights, gate, up, down, clamp)
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
-        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)
+        # long chunks: bf16 copies of 64 experts at a time beat decoding 2-4 bit tiles per
+        # token tile once experts average >= 16 tokens (docs/PERFORMANCE.md)
+        group = 64 if ids.numel() >= 16 * gate.shape[0] else 0
+        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs, dense_group=group)
+
+    @torch.compiler.disable  # launched as written, also inside fused regions
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # float16 tensor cores with float32 sums and result: cached K=V rows and indexer rows are
+        # exact in float16; queries and probabilities round as they would in tf32
+        a, b = a.half(), b.half()
+        if b.dim() == 2:
+            out = torch.mm(a.reshape(-1, a.shape[-1]), b, out_dtype=torch.float32)
+            return out.view(*a.shape[:-1], b.shape[-1])
+        return torch.bmm(a, b, out_dtype=torch.float32)
 
     def fuse(self, fn):
         # torch.compile turns each small region into one or two Triton kernels: decode is

@@ -13,13 +13,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
-from ds4py.quant.formats import QTensor
+from ds4py.quant.formats import QTensor, quantize
 from ds4py.quant.triton.gemm import bf16_dot
 from ds4py.quant.triton.gemv import act_operands, gemv_config
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
-from ds4py.quant.triton.tiles import INT8_PATH, dequant_tile, interpreting, kernel_ok, prepared
+from ds4py.quant.triton.tiles import (
+    INT8_PATH,
+    dequant_tile,
+    dequantize,
+    interpreting,
+    kernel_ok,
+    prepared,
+)
 
 # ---- Decode ----------------------------------------------------------------------------------
 
@@ -224,10 +232,13 @@ def moe_prefill(
     clamp: float,
     tabs: torch.Tensor,
     cfg: dict | None = None,
+    dense_group: int = 0,
 ) -> torch.Tensor:
     """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two).
 
-    `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
+    `dense_group` > 0: dequantize that many experts at a time to bf16 copies and multiply
+    those (for long chunks: decoding 2-bit tiles once per token tile costs more than the
+    copies). `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
     _check(x, ids, weights, gate, up, down)
     gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
@@ -235,24 +246,48 @@ def moe_prefill(
     if dim % 64 or n_ff % 64:
         raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} must be multiples of 64")
     cfg = cfg or moe_prefill_config(n_tok * k, n_exp)
-    bm, bk = cfg["BM"], cfg["BK"]
-    order, tiles = expert_tiles(ids, n_exp, bm)  # one host sync: the grid size
-    n_tiles, n_slots, emulate = tiles.shape[0], n_tok * k, interpreting()
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], EMULATE=emulate)
+    order, tiles = expert_tiles(ids, n_exp, cfg["BM"])  # one host sync: the grid size
+    n_slots = n_tok * k
+    xb, wts = x.to(torch.bfloat16), weights.reshape(-1).contiguous()
     h = torch.empty(n_slots, n_ff, dtype=torch.bfloat16, device=x.device)
-    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, cfg["BN_GU"]))](
-        x.to(torch.bfloat16), order, weights.reshape(-1).contiguous(), tiles, gate.data, up.data,
-        tabs, h, n_ff, dim, gate.data.shape[-1], float(clamp),
-        KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk, **launch,
-    )  # fmt: skip
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
+    if dense_group <= 0:
+        _grouped(xb, order, wts, tiles, (gate, up, down), h, y, k, clamp, tabs, cfg)
+    else:
+        tile_exp = tiles[:, 0].cpu()
+        for e0 in range(0, n_exp, dense_group):
+            e1 = min(e0 + dense_group, n_exp)
+            pick = ((tile_exp >= e0) & (tile_exp < e1)).nonzero().view(-1)
+            if pick.numel() == 0:
+                continue
+            sub = tiles[pick.to(tiles.device)]
+            sub[:, 0] -= e0
+            mats = tuple(_bf16_experts(w, e0, e1, tabs) for w in (gate, up, down))
+            _grouped(xb, order, wts, sub, mats, h, y, k, clamp, tabs, cfg)
+    per_slot = torch.empty_like(y)
+    per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
+    return per_slot.view(n_tok, k, dim).sum(dim=1)
+
+
+def _bf16_experts(w: QTensor, e0: int, e1: int, tabs: torch.Tensor) -> QTensor:
+    part = QTensor(w.data[e0:e1], w.qtype, (e1 - e0, *w.shape[1:]), w.layout)
+    return quantize(dequantize(part, tabs, torch.bfloat16), GQ.BF16)
+
+
+def _grouped(xb, order, wts, tiles, mats, h, y, k, clamp, tabs, cfg) -> None:
+    """Both grouped launches over `tiles` (expert ids relative to the `mats` given)."""
+    gate, up, down = mats
+    n_ff, dim = gate.shape[1], gate.shape[2]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], EMULATE=interpreting())
+    n_tiles, bm, bk = tiles.shape[0], cfg["BM"], cfg["BK"]
+    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, cfg["BN_GU"]))](
+        xb, order, wts, tiles, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
+        float(clamp), KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk, **launch,
+    )  # fmt: skip
     _grouped_down_kernel[(n_tiles, triton.cdiv(dim, cfg["BN_DOWN"]))](
         h, tiles, down.data, tabs, y, dim, n_ff, down.data.shape[-1],
         FMT=int(down.qtype), BM=bm, BN=cfg["BN_DOWN"], BK=bk, **launch,
     )  # fmt: skip
-    per_slot = torch.empty_like(y)
-    per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
-    return per_slot.view(n_tok, k, dim).sum(dim=1)
 
 
 def moe_ref(
@@ -265,6 +300,7 @@ def moe_ref(
     clamp: float,
     tabs: torch.Tensor | None = None,
     cfg: dict | None = None,
+    dense_group: int = 0,
 ) -> torch.Tensor:
     """Torch reference with the launchers' signature (float32 throughout)."""
     return ref.moe(x, ids, weights, gate, up, down, clamp)

@@ -209,21 +209,25 @@ def _dequant_kernel(w, tabs, out, K, RB, FMT: tl.constexpr, BN: tl.constexpr, BK
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     t = dequant_tile(w, tabs, rows.to(tl.int64) * RB, K, k0, FMT, BK)
-    tl.store(out + rows.to(tl.int64)[:, None] * K + k0 + tl.arange(0, BK)[None, :], t)
+    dst = out + rows.to(tl.int64)[:, None] * K + k0 + tl.arange(0, BK)[None, :]
+    tl.store(dst, t.to(out.dtype.element_ty))
 
 
-def dequantize(w: QTensor, tabs: torch.Tensor) -> torch.Tensor:
-    """float32 [rows, cols] of a 2-D weight through `dequant_tile` (tests, tools)."""
-    if w.qtype not in SUPPORTED or len(w.shape) != 2:
-        raise ValueError(f"dequantize: need a 2-D supported weight, got {w.qtype.name} {w.shape}")
+def dequantize(w: QTensor, tabs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[*shape] in `dtype` through `dequant_tile` (rows of all leading dims at once): tests, and
+    the long-chunk expert path, which multiplies bf16 copies of the experts."""
+    if w.qtype not in SUPPORTED or len(w.shape) < 2:
+        raise ValueError(f"dequantize: need a supported weight of >= 2 dims, got {w.qtype.name}")
     w = prepared(w)
-    rows, cols = w.shape
+    cols = w.shape[-1]
+    data = w.data.reshape(-1, w.data.shape[-1])
+    rows = data.shape[0]
     bn = 1
     while bn < 16 and rows % (bn * 2) == 0:
         bn *= 2
     bk = 256 if cols % 256 == 0 else 32
-    out = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
+    out = torch.empty(rows, cols, dtype=dtype, device=w.device)
     _dequant_kernel[(rows // bn, cols // bk)](
-        w.data, tabs, out, cols, w.data.shape[-1], FMT=int(w.qtype), BN=bn, BK=bk
+        data, tabs, out, cols, data.shape[-1], FMT=int(w.qtype), BN=bn, BK=bk
     )
-    return out
+    return out.view(w.shape)
