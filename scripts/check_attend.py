@@ -48,12 +48,12 @@ TOL = 1e-5
 FLUSH_BYTES = 96 << 20
 SWEEP = [
     dict(BH=64, R=64, num_warps=8),
-    dict(BH=64, R=32, num_warps=4),
     dict(BH=64, R=32, num_warps=8),
+    dict(BH=64, R=16, num_warps=4),
     dict(BH=32, R=32, num_warps=4),
+    dict(BH=32, R=16, num_warps=2),
     dict(BH=16, R=32, num_warps=4),
     dict(BH=16, R=16, num_warps=4),
-    dict(BH=16, R=16, num_warps=2),
 ]
 # the brief's targets, microseconds per call
 TARGETS = {"window": 5.0, "ratio4": 8.0, "ratio128@4096": 6.0, "ratio128@1048576": 40.0}

@@ -123,9 +123,10 @@ def test_all_rows(store, pos):
 
 
 @pytest.mark.parametrize("store", ["fp8", "float"])
-@pytest.mark.parametrize("pos", [3, 40, 200])
+@pytest.mark.parametrize("pos", [1, 3, 40, 200])
 def test_selected_rows(store, pos):
-    """ratio-4-like layers: distinct random row ids, some at or past the visible count."""
+    """ratio-4-like layers: distinct random row ids, some at or past the visible count (all of
+    them at pos 1: no compressed row is visible yet)."""
     g = torch.Generator().manual_seed(pos)
     q, raw, sinks, rows = _case(16, 192, 16, 60, store, seed=pos + 7)
     idx = torch.randperm(60, generator=g)[:23].to(DEV)
@@ -133,9 +134,17 @@ def test_selected_rows(store, pos):
     assert _rel(got, want) < TOL
 
 
-@pytest.mark.parametrize("config", [dict(BH=16, R=32, num_warps=4), dict(BH=32, R=16, num_warps=4)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(BH=16, R=32, num_warps=4),
+        dict(BH=32, R=16, num_warps=2),
+        dict(BH=64, R=64, num_warps=8),
+    ],
+)
 def test_tilings_and_head_blocks(config):
-    """Other tiles: rows per block 32, and 40 heads over blocks of 16 / 32 (last one partial)."""
+    """Other tiles: 32 and 64 rows per block; 40 heads over blocks of 16, 32 (last one partial)
+    or one block of 64 (24 padded heads)."""
     q, raw, sinks, rows = _case(40, 128, 20, 45, "fp8", seed=3)
     idx = torch.randperm(45, generator=torch.Generator().manual_seed(3))[:33].to(DEV)
     for r, i in ((rows, idx), (rows, None)):

@@ -35,23 +35,27 @@ def _tf32(x):
     return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
+# Products go to two accumulators, hi*hi and the corrections: independent chains of mma
+# instructions, so one chain's latency does not serialise the other.
+
+
 @triton.jit
-def _dot_exact(q, k, acc):
-    """acc + q @ k.T for a TF32-exact k (q split in two)."""
+def _dot_exact(q, k, hi, lo):
+    """(hi, lo) += q @ k.T for a TF32-exact k (q split in two)."""
     qh = _tf32(q)
     kt = tl.trans(k)
-    acc = tl.dot(qh, kt, acc, input_precision="tf32")
-    return tl.dot(_tf32(q - qh), kt, acc, input_precision="tf32")
+    hi = tl.dot(qh, kt, hi, input_precision="tf32")
+    return hi, tl.dot(_tf32(q - qh), kt, lo, input_precision="tf32")
 
 
 @triton.jit
-def _dot_f32(q, k, acc):
-    """acc + q @ k.T for float32 q and k (both split; the lo*lo term is below float32)."""
+def _dot_f32(q, k, hi, lo):
+    """(hi, lo) += q @ k.T for float32 q and k (both split; the lo*lo term is below float32)."""
     qh, kh = _tf32(q), _tf32(k)
     kht = tl.trans(kh)
-    acc = tl.dot(qh, kht, acc, input_precision="tf32")
-    acc = tl.dot(_tf32(q - qh), kht, acc, input_precision="tf32")
-    return tl.dot(qh, tl.trans(_tf32(k - kh)), acc, input_precision="tf32")
+    hi = tl.dot(qh, kht, hi, input_precision="tf32")
+    lo = tl.dot(_tf32(q - qh), kht, lo, input_precision="tf32")
+    return hi, tl.dot(qh, tl.trans(_tf32(k - kh)), lo, input_precision="tf32")
 
 
 @triton.jit
@@ -80,14 +84,15 @@ def _logits_f32(Q, hh, H, ROWS, rid, D: tl.constexpr, BH: tl.constexpr, R: tl.co
     rp = ROWS + rid[:, None] * D + t[None, :]
     q_nx = _q_chunk(Q, hh, H, 0, D)
     k_nx = tl.load(rp)
-    s = tl.zeros([BH, R], tl.float32)
+    hi = tl.zeros([BH, R], tl.float32)
+    lo = tl.zeros([BH, R], tl.float32)
     for c in range(0, D, 64):
         q, k = q_nx, k_nx
         cn = tl.minimum(c + 64, D - 64)
         q_nx = _q_chunk(Q, hh, H, cn, D)
         k_nx = tl.load(rp + cn)
-        s = _dot_f32(q, k, s)
-    return s
+        hi, lo = _dot_f32(q, k, hi, lo)
+    return hi + lo
 
 
 @triton.jit
@@ -100,18 +105,19 @@ def _logits_fp8(Q, hh, H, CODES, EXPS, ROPE, rid, D: tl.constexpr, NOPE: tl.cons
     q_nx = _q_chunk(Q, hh, H, 0, D)
     b_nx = tl.load(bp)
     e_nx = tl.load(ep)
-    s = tl.zeros([BH, R], tl.float32)
+    hi = tl.zeros([BH, R], tl.float32)
+    lo = tl.zeros([BH, R], tl.float32)
     for c in range(0, NROT, 64):
         k = tl.load(ROPE + rid[:, None] * NROT + c + t[None, :]).to(tl.float32)
-        s = _dot_exact(_q_chunk(Q, hh, H, NOPE + c, D), k, s)
+        hi, lo = _dot_exact(_q_chunk(Q, hh, H, NOPE + c, D), k, hi, lo)
     for c in range(0, NOPE, 64):
         q, b, e = q_nx, b_nx, e_nx
         cn = tl.minimum(c + 64, NOPE - 64)
         q_nx = _q_chunk(Q, hh, H, cn, D)
         b_nx = tl.load(bp + cn)
         e_nx = tl.load(ep + cn // 64)
-        s = _dot_exact(q, _e4m3(b, e[:, None]), s)
-    return s
+        hi, lo = _dot_exact(q, _e4m3(b, e[:, None]), hi, lo)
+    return hi + lo
 
 
 @triton.jit
@@ -127,16 +133,18 @@ def _block_softmax(s, valid, scale, PM, PL, b, hh, H):
 
 @triton.jit
 def _out_f32(p, hh, H, ROWS, rid, OUT, D: tl.constexpr):
-    """OUT[h, :] = p @ rows for float32 rows, 64 dims at a time (p and rows both split)."""
+    """OUT[h, :] = p @ rows for float32 rows, 64 dims at a time (p and rows both split).
+    Unrolled: the split p is then converted to the mma operand layout once, not per chunk."""
     t = tl.arange(0, 64)
     ph = _tf32(p)
     pl = _tf32(p - ph)
     rp = ROWS + rid[:, None] * D + t[None, :]
     op = OUT + hh[:, None] * D + t[None, :]
     v_nx = tl.load(rp)
-    for c in range(0, D, 64):
+    for c in tl.static_range(0, D, 64):
         v = v_nx
-        v_nx = tl.load(rp + tl.minimum(c + 64, D - 64))
+        if c + 64 < D:
+            v_nx = tl.load(rp + c + 64)
         vh = _tf32(v)
         o = tl.dot(ph, vh, input_precision="tf32")
         o = tl.dot(pl, vh, o, input_precision="tf32")
@@ -147,29 +155,31 @@ def _out_f32(p, hh, H, ROWS, rid, OUT, D: tl.constexpr):
 @triton.jit
 def _out_fp8(p, hh, H, CODES, EXPS, ROPE, rid, OUT, D: tl.constexpr, NOPE: tl.constexpr,
              NROT: tl.constexpr):  # fmt: skip
-    """OUT[h, :] = p @ rows for FP8Rows (rows are TF32-exact: p split in two)."""
+    """OUT[h, :] = p @ rows for FP8Rows (rows are TF32-exact: p split in two); RoPE dims
+    first, as in _logits_fp8."""
     t = tl.arange(0, 64)
     ph = _tf32(p)
     pl = _tf32(p - ph)
     bp = CODES + rid[:, None] * NOPE + t[None, :]
     ep = EXPS + rid * (NOPE // 64)
+    rp = ROPE + rid[:, None] * NROT + t[None, :]
     op = OUT + hh[:, None] * D + t[None, :]
     b_nx = tl.load(bp)
     e_nx = tl.load(ep)
-    for c in range(0, NOPE, 64):
+    for c in tl.static_range(0, NROT, 64):
+        v = tl.load(rp + c).to(tl.float32)
+        o = tl.dot(ph, v, input_precision="tf32")
+        o = tl.dot(pl, v, o, input_precision="tf32")
+        tl.store(op + NOPE + c, o, mask=(hh < H)[:, None])
+    for c in tl.static_range(0, NOPE, 64):
         b, e = b_nx, e_nx
-        cn = tl.minimum(c + 64, NOPE - 64)
-        b_nx = tl.load(bp + cn)
-        e_nx = tl.load(ep + cn // 64)
+        if c + 64 < NOPE:
+            b_nx = tl.load(bp + c + 64)
+            e_nx = tl.load(ep + (c + 64) // 64)
         v = _e4m3(b, e[:, None])
         o = tl.dot(ph, v, input_precision="tf32")
         o = tl.dot(pl, v, o, input_precision="tf32")
         tl.store(op + c, o, mask=(hh < H)[:, None])
-    for c in range(0, NROT, 64):
-        v = tl.load(ROPE + rid[:, None] * NROT + c + t[None, :]).to(tl.float32)
-        o = tl.dot(ph, v, input_precision="tf32")
-        o = tl.dot(pl, v, o, input_precision="tf32")
-        tl.store(op + NOPE + c, o, mask=(hh < H)[:, None])
 
 
 @triton.jit
@@ -261,9 +271,10 @@ def _combine_kernel(
 
 # ---- Launcher ----
 
-# (BH heads, R rows) per program, largest first: the heuristic takes the largest that still
-# gives every SM a program (one block of 64 heads x 64 rows decodes each row once)
-TILES = ((64, 64), (64, 32), (32, 32), (16, 32), (16, 16))
+# (BH heads, R rows, warps) per program, largest first: the heuristic takes the largest that
+# still gives every SM a program (64 heads x 64 rows decodes each row once and writes the fewest
+# partial outputs; small tiles shorten each program for short contexts)
+TILES = ((64, 64, 8), (64, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4))
 
 
 @functools.cache
@@ -276,11 +287,11 @@ def attend_config(n_rows: int, window: int, n_head: int, device: torch.device) -
     if device.type != "cuda" or interpreting():
         return dict(BH=16, R=16, num_warps=4)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    for bh, r in TILES:
+    for bh, r, nw in TILES:
         programs = (triton.cdiv(window, r) + triton.cdiv(n_rows, r)) * triton.cdiv(n_head, bh)
         if programs >= 0.9 * sms:
-            break
-    return dict(BH=bh, R=r, num_warps=8 if bh * r >= 4096 else 4)
+            return dict(BH=bh, R=r, num_warps=nw)
+    return dict(BH=bh, R=r, num_warps=nw)  # the smallest tile
 
 
 def _store_parts(rows, d: int) -> tuple[int, list[Tensor], int]:
