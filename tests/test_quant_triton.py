@@ -191,3 +191,14 @@ def test_launcher_errors():
     with pytest.raises(ValueError, match="types differ"):
         moe_decode(_randn(1, 512, seed=0), ids, wts, gate, _experts(GQ.Q4_K, GQ.Q4_K, 2)[1],
                    down, 1.0, GRID)  # fmt: skip
+
+
+def test_backend_moe_fallback_has_no_host_loop():
+    # unaligned IQ2_XXS experts: the all-experts path (capturable) equals the reference
+    gate, up, down = _experts(GQ.IQ2_XXS, GQ.Q2_K, n_exp=4, n_ff=256, dim=256)
+    fast, slow = TritonOps(DEV), Ops(DEV)
+    x = _randn(3, 256, seed=2)
+    ids, wts = _routing(3, 4, 2, seed=5)
+    assert not tiles.kernel_ok(gate)
+    got = fast.moe(x, ids, wts, gate, up, down, 10.0)
+    assert _rel(got, slow.moe(x, ids, wts, gate, up, down, 10.0)) < 1e-5

@@ -88,7 +88,7 @@ class TritonOps(Ops):
         clamp: float,
     ) -> torch.Tensor:
         if not all(kernel_ok(w) for w in (gate, up, down)):
-            return ref.moe(x, ids, weights, gate, up, down, clamp)
+            return _moe_all_experts(x, ids, weights, gate, up, down, clamp)
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         # long chunks: bf16 copies of 64 experts at a time beat decoding 2-4 bit tiles per
@@ -106,6 +106,34 @@ class TritonOps(Ops):
             return out.view(*a.shape[:-1], b.shape[-1])
         return torch.bmm(a, b, out_dtype=torch.float32)
 
+    def decode_kernels(self, reference: dict) -> dict:
+        # imported here: these kernels read the KV stores, which import the model package
+        from ds4py.kv.state import FloatRows
+        from ds4py.quant.triton.attend import attend_decode
+        from ds4py.quant.triton.compress import compress_decode
+        from ds4py.quant.triton.indexer import indexer_topk
+
+        kernels = dict(reference)
+        kernels["attend"] = torch.compiler.disable(attend_decode)
+        fast_topk = torch.compiler.disable(indexer_topk)
+
+        def topk(qi, w, rows, p, ratio, k):
+            # the kernel's tensor-core tiles need >= 16 heads and >= 32 dims, powers of two
+            hi, di = qi.shape
+            if hi < 16 or di < 32 or hi & (hi - 1) or di & (di - 1):
+                return reference["indexer_topk"](qi, w, rows, p, ratio, k)
+            return fast_topk(qi, w, rows, p, ratio, k)
+
+        kernels["indexer_topk"] = topk
+
+        def compress(a, b, ape, p, fr, norm, eps, cos, sin, rows, had, sim):
+            if sim and type(rows) is FloatRows:  # rounded rows in a float store: tests only
+                return reference["compress"](a, b, ape, p, fr, norm, eps, cos, sin, rows, had, sim)
+            return compress_decode(a, b, ape, p, fr, norm, eps, cos, sin, rows, had, sim)
+
+        kernels["compress"] = torch.compiler.disable(compress)
+        return kernels
+
     def fuse(self, fn):
         # torch.compile turns each small region into one or two Triton kernels: decode is
         # launch-bound, and the compiled kernels are captured in the CUDA graph like any other.
@@ -118,3 +146,13 @@ class TritonOps(Ops):
         if X.shape[1] != 4:
             return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
         return hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+
+
+def _moe_all_experts(x, ids, weights, gate, up, down, clamp) -> torch.Tensor:
+    """`ref.moe` without its host-side loop over the used experts (so a decode step stays
+    capturable): every expert dequantized, then gathered per slot. Only for the small
+    weights no kernel reads (e.g. IQ2_XXS rows of 256 values)."""
+    g, u, d = (w.dequantize() for w in (gate, up, down))  # [E, F, D], [E, F, D], [E, D, F]
+    xs = x[:, None, :, None]  # [T, 1, D, 1]
+    h = ref.swiglu((g[ids] @ xs)[..., 0], (u[ids] @ xs)[..., 0], clamp) * weights[..., None]
+    return (d[ids] @ h[..., None])[..., 0].sum(1)
