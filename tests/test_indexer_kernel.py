@@ -116,6 +116,25 @@ def test_exact_ties_pick_lower_ids(groups, store, cfg):
 
 
 @pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+def test_crowded_near_equal_scores(cfg):
+    """Rows (1 + m 2**-10) v, m = id % 7: scores a hair apart, each value on ~27 rows, so the
+    digit histograms see crowded neighbouring bins; the top groups by m, lowest ids last."""
+    cap, n, k, groups = 200, 190, 50, 7
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(64, generator=g)
+    m = torch.arange(cap) % groups
+    rows = FloatRows(cap, 64, DEV)
+    rows.write(torch.arange(cap, device=DEV), ((1 + m[:, None] * 2.0**-10) * v).to(DEV))
+    qi = (v + 0.1 * torch.randn(16, 64, generator=g)).to(DEV)  # qi_h . v > 0 for every head
+    w = torch.rand(16, generator=g).to(DEV)
+    got = indexer_topk(qi, w, rows, _pos(n), 4, k, cfg=cfg).cpu()
+    want, ids = [], torch.arange(n)
+    for grp in range(groups - 1, -1, -1):
+        want += ids[ids % groups == grp][: k - len(want)].tolist()
+    assert torch.equal(got, torch.tensor(sorted(want)))
+
+
+@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
 def test_zero_scores_tie_whatever_their_sign(cfg):
     """Zero rows score 0 (summed as +0 or -0); they outrank negative scores and tie among
     themselves, so the lowest zero ids fill the top-k after the positive rows."""
@@ -209,7 +228,7 @@ def test_flash_sizes_on_gpu(store):
             again = indexer_topk(qi, w, rows, pos, 4, k, scratch=scratch)
             assert torch.equal(got, again), "not deterministic"
             if n > k:
-                assert _score_error(qi, w, rows, n, scratch) < 1e-6
+                assert _score_error(qi, w, rows, n, scratch) < 1e-5
         graph, pos = torch.cuda.CUDAGraph(), _pos(ns[-1])
         indexer_topk(qi, w, rows, pos, 4, k, scratch=scratch)  # compiled before capture
         with torch.cuda.graph(graph):

@@ -4,13 +4,14 @@ Owns `indexer_topk` (Triton) and `indexer_topk_ref` (torch: decode.py indexer_st
 and stable sort, then ids ascending), their scratch buffers and launch plan. Scoring decodes
 FP4 rows (or splits float32 rows) into bfloat16 parts that are exact and multiplies them with
 exact bfloat16 parts of the queries on tensor cores, so scores are float32-accurate. Selection
-maps scores to order-preserving int32 keys, walks 11/11/10-bit digit histograms to the k-th
+maps scores to order-preserving int32 keys, walks 9/12/11-bit digit histograms to the k-th
 key, then compacts ids in id order. Static grids, no host sync, integer atomics only.
 Does not own: the row stores (kv/state.py) or the indexer projections and RoPE (decode.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +22,18 @@ from ds4py.kv.state import FloatRows, FP4Rows
 from ds4py.quant.triton.tiles import interpreting
 
 Tensor = torch.Tensor
-HIST_WORDS = 2048 + 2048 + 1024  # the three digit histograms, one after the other
+# the three digit histograms (9, 12 and 11 bits of the key), one after the other
+H2: tl.constexpr = tl.constexpr(512)
+H3: tl.constexpr = tl.constexpr(512 + 4096)
+HIST_WORDS: tl.constexpr = tl.constexpr(512 + 4096 + 2048)
 
 
 @dataclass(frozen=True)
 class TopkConfig:
-    block: int = 128  # rows per scoring program (the tensor-core M)
+    block: int = 128  # rows per scoring step (the tensor-core M)
     score_warps: int = 8
+    score_programs: int = 0  # scoring programs, each looping over blocks; 0: 2 per SM
+    score_maxnreg: int = 128  # FP4 rows: two 8-warp programs fit an SM (no spills at 128)
     chunk: int = 2048  # keys per program in the histogram / count / emit passes
     pass_warps: int = 4
     small_cap: int = 4096  # up to this capacity one program selects, keys in registers
@@ -51,7 +57,7 @@ class IndexerScratch:
         programs = triton.cdiv(max(cap, 1), cfg.chunk)
         return cls(
             torch.empty(max(cap, 1), dtype=torch.int32, device=device),
-            torch.zeros(HIST_WORDS, dtype=torch.int32, device=device),
+            torch.zeros(HIST_WORDS.value, dtype=torch.int32, device=device),
             torch.empty(2 * programs + 2, dtype=torch.int32, device=device),
         )
 
@@ -59,7 +65,7 @@ class IndexerScratch:
         programs = triton.cdiv(max(cap, 1), cfg.chunk)
         return (
             self.keys.numel() >= cap
-            and self.hist.numel() == HIST_WORDS
+            and self.hist.numel() == HIST_WORDS.value
             and self.work.numel() >= 2 * programs + 2
             and all(t.device == torch.device(device) for t in (self.keys, self.hist, self.work))
         )
@@ -83,73 +89,37 @@ def _split3(x):
 
 
 @triton.jit
-def _e2m1(c):
-    """Signed E2M1 value of 4-bit codes (int32), as float32."""
-    m = c & 7
-    twice = tl.where(m < 2, m, (2 + (m & 1)) << tl.maximum((m >> 1) - 1, 0))  # 0 .. 12
-    v = twice.to(tl.float32) * 0.5
-    return tl.where((c & 8) != 0, -v, v)
-
-
-@triton.jit
 def _fp4_halves(CODES, EXPS, rows, live, BN: tl.constexpr, DI: tl.constexpr):
     """Rows as bfloat16 [BN, DI/2] twice: even elements (low nibbles), odd ones (high); exact,
     since grid * 2**exp has at most 2 significant bits."""
     g = tl.arange(0, DI // 32)
-    t = tl.arange(0, 16)
     r = rows.to(tl.int64)
-    at = CODES + r[:, None, None] * (DI // 2) + (g[:, None] * 16 + t[None, :])[None]
-    c = tl.load(at, mask=live[:, None, None], other=0).to(tl.int32)  # [BN, G, 16] bytes
+    # 4-byte words (16-byte loads per thread), split into bytes: [BN, group, word, byte]
+    at = r[:, None, None] * (DI // 8) + (g[:, None] * 4 + tl.arange(0, 4)[None, :])[None]
+    words = tl.load(CODES + at, mask=live[:, None, None], other=0)  # CODES: int32 words
+    c = (words[:, :, :, None] >> (tl.arange(0, 4) * 8)[None, None, None, :]) & 0xFF
     e = tl.load(EXPS + r[:, None] * (DI // 32) + g[None, :], mask=live[:, None], other=0)
-    scale = ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)[:, :, None]  # 2**e
-    even = tl.reshape(_e2m1(c & 15) * scale, (BN, DI // 2))
-    odd = tl.reshape(_e2m1(c >> 4) * scale, (BN, DI // 2))
+    scale = ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)[:, :, None, None]
+    # a code's sign and 3 magnitude bits placed at float16 bits 15 and 11..9 make the float16
+    # of grid * 2**-14 (0.5 lands on a subnormal, the rest on normals)
+    even = ((c << 12) & 0x8000) | ((c << 9) & 0x0E00)
+    odd = ((c << 8) & 0x8000) | ((c << 5) & 0x0E00)
+    even = tl.reshape(_f16_bits(even) * 16384.0 * scale, (BN, DI // 2))  # scale = 2**e
+    odd = tl.reshape(_f16_bits(odd) * 16384.0 * scale, (BN, DI // 2))
     return even.to(tl.bfloat16), odd.to(tl.bfloat16)
+
+
+@triton.jit
+def _f16_bits(b):
+    return b.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _mm(a, b, acc, INTERP: tl.constexpr):
     if INTERP:  # the interpreter multiplies bfloat16 as raw integers; the parts are exact in f32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _dot_q(acc, r, qT, INTERP: tl.constexpr):
-    """acc += r @ qT, r exact bfloat16 [BN, K], qT float32 [K, HI] split into exact parts."""
-    qh, qm, ql = _split3(qT)
-    acc = _mm(r, qh, acc, INTERP)
-    if tl.max(tl.abs(qm.to(tl.float32))) != 0:  # FP4-simulated queries are exact in bfloat16
-        acc = _mm(r, qm, acc, INTERP)
-        acc = _mm(r, ql, acc, INTERP)
-    return acc
-
-
-@triton.jit
-def _head_dots(Q, R0, R1, rows, live, HI: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
-               FP4: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
-    """[BN, HI] float32: qi_h . row for each row and head."""
-    h = tl.arange(0, HI)
-    acc = tl.zeros((BN, HI), dtype=tl.float32)
-    if FP4:
-        j = tl.arange(0, DI // 2)
-        even, odd = _fp4_halves(R0, R1, rows, live, BN, DI)
-        acc = _dot_q(acc, even, tl.load(Q + h[None, :] * DI + 2 * j[:, None]), INTERP)
-        acc = _dot_q(acc, odd, tl.load(Q + h[None, :] * DI + 2 * j[:, None] + 1), INTERP)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        d = tl.arange(0, DI)
-        x = tl.load(
-            R0 + rows.to(tl.int64)[:, None] * DI + d[None, :], mask=live[:, None], other=0.0
-        )
-        rh, rm, rl = _split3(x)
-        qh, qm, ql = _split3(tl.load(Q + h[None, :] * DI + d[:, None]))
-        # the products of parts whose bits reach below 2**-24 relative are left out
-        acc = _mm(rh, qh, acc, INTERP)
-        acc = _mm(rh, qm, acc, INTERP)
-        acc = _mm(rm, qh, acc, INTERP)
-        acc = _mm(rh, ql, acc, INTERP)
-        acc = _mm(rm, qm, acc, INTERP)
-        acc = _mm(rl, qh, acc, INTERP)
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -169,20 +139,74 @@ def _hist_add(HIST, digit, mask, NB: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, w, rows, live, KEYS, HIST, HIST1: tl.constexpr):
+    """Scores sum_h w_h relu(acc_h) as keys; the top-digit histogram for the passes."""
+    key = _order_key(tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1))
+    tl.store(KEYS + rows, key, mask=live)
+    if HIST1:
+        _hist_add(HIST, (key >> 23) + 256, live, 512)
+
+
+@triton.jit
+def _fp4_block(R0, R1, KEYS, HIST, rows, n, w, eh, em, el, oh, om, ol, split,
+               HI: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr, HIST1: tl.constexpr,
+               INTERP: tl.constexpr):  # fmt: skip
+    live = rows < n
+    even, odd = _fp4_halves(R0, R1, rows, live, BN, DI)
+    acc = _mm(even, eh, tl.zeros((BN, HI), dtype=tl.float32), INTERP)
+    acc = _mm(odd, oh, acc, INTERP)
+    if split:
+        acc = _mm(even, em, acc, INTERP)
+        acc = _mm(odd, om, acc, INTERP)
+        acc = _mm(even, el, acc, INTERP)
+        acc = _mm(odd, ol, acc, INTERP)
+    _finish(acc, w, rows, live, KEYS, HIST, HIST1)
+
+
+@triton.jit
+def _float_block(R0, KEYS, HIST, rows, n, w, qh, qm, ql, HI: tl.constexpr, DI: tl.constexpr,
+                 BN: tl.constexpr, HIST1: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+    live = rows < n
+    at = R0 + rows.to(tl.int64)[:, None] * DI + tl.arange(0, DI)[None, :]
+    rh, rm, rl = _split3(tl.load(at, mask=live[:, None], other=0.0))
+    # products of parts whose bits all lie below 2**-24 relative are left out
+    acc = _mm(rh, qh, tl.zeros((BN, HI), dtype=tl.float32), INTERP)
+    acc = _mm(rh, qm, acc, INTERP)
+    acc = _mm(rm, qh, acc, INTERP)
+    acc = _mm(rh, ql, acc, INTERP)
+    acc = _mm(rm, qm, acc, INTERP)
+    acc = _mm(rl, qh, acc, INTERP)
+    _finish(acc, w, rows, live, KEYS, HIST, HIST1)
+
+
+@triton.jit
 def _score_kernel(Q, W, R0, R1, POS, KEYS, HIST, cap, ratio, K, HI: tl.constexpr,
                   DI: tl.constexpr, BN: tl.constexpr, FP4: tl.constexpr, HIST1: tl.constexpr,
                   INTERP: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
+    """Program p scores the visible row blocks p, p + programs, ...; the queries are split
+    once per program."""
     n = _visible(POS, ratio, cap)
-    if (n > K) & (pid * BN < n):  # with n <= K the answer is ids 0..K-1: nothing to score
-        rows = pid * BN + tl.arange(0, BN)
-        live = rows < n
-        acc = _head_dots(Q, R0, R1, rows, live, HI, DI, BN, FP4, INTERP)
-        w = tl.load(W + tl.arange(0, HI))
-        key = _order_key(tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1))
-        tl.store(KEYS + rows, key, mask=live)
-        if HIST1:
-            _hist_add(HIST, (key >> 21) + 1024, live, 2048)
+    if n > K:  # with n <= K the answer is ids 0..K-1: nothing to score
+        h = tl.arange(0, HI)
+        w = tl.load(W + h)
+        if FP4:
+            j = tl.arange(0, DI // 2)
+            eh, em, el = _split3(tl.load(Q + h[None, :] * DI + 2 * j[:, None]))  # [DI/2, HI]
+            oh, om, ol = _split3(tl.load(Q + h[None, :] * DI + 2 * j[:, None] + 1))
+            # FP4-simulated queries are exact in bfloat16: one product per half then
+            split = tl.max(tl.abs(em.to(tl.float32)) + tl.abs(om.to(tl.float32))) != 0
+        else:
+            qh, qm, ql = _split3(tl.load(Q + h[None, :] * DI + tl.arange(0, DI)[:, None]))
+        # a loop bound read from the device (not a branch per block) lets Triton prefetch the
+        # next block's codes while this one is multiplied
+        for b in range(tl.program_id(0), tl.cdiv(n, BN), tl.num_programs(0)):
+            rows = b * BN + tl.arange(0, BN)
+            if FP4:
+                _fp4_block(R0, R1, KEYS, HIST, rows, n, w, eh, em, el, oh, om, ol, split,
+                           HI, DI, BN, HIST1, INTERP)  # fmt: skip
+            else:
+                _float_block(R0, KEYS, HIST, rows, n, w, qh, qm, ql, HI, DI, BN, HIST1,
+                             INTERP)  # fmt: skip
 
 
 # ---- Selection ----------------------------------------------------------------------------
@@ -200,18 +224,19 @@ def _pick_bin(HIST, NB: tl.constexpr, rank):
 
 @triton.jit
 def _descend(HIST, K, LEVELS: tl.constexpr):
-    """Key prefix (top 11, 22 or 32 bits, signed) of the K-th largest key, and its rank among
-    the keys sharing that prefix; digits: bits 31..21 (offset to 0..2047), 20..10, 9..0."""
-    b, above = _pick_bin(HIST, 2048, K)
-    prefix = b - 1024
+    """Key prefix (top 9, 21 or 32 bits, signed) of the K-th largest key, and its rank among
+    the keys sharing that prefix. Digits: bits 31..23 (sign and exponent, offset to 0..511),
+    22..11 and 10..0 (mantissa)."""
+    b, above = _pick_bin(HIST, 512, K)
+    prefix = b - 256
     rank = K - above
     if LEVELS >= 2:
-        b, above = _pick_bin(HIST + 2048, 2048, rank)
-        prefix = (prefix << 11) | b
+        b, above = _pick_bin(HIST + H2, 4096, rank)
+        prefix = (prefix << 12) | b
         rank = rank - above
     if LEVELS >= 3:
-        b, above = _pick_bin(HIST + 4096, 1024, rank)
-        prefix = (prefix << 10) | b
+        b, above = _pick_bin(HIST + H3, 2048, rank)
+        prefix = (prefix << 11) | b
         rank = rank - above
     return prefix, rank
 
@@ -230,7 +255,7 @@ def _write_first(OUT, K, B: tl.constexpr):
 
 
 @triton.jit
-def _emit(OUT, s, idx, live, T, need, gt_before, eq_before):
+def _emit(OUT, s, idx, live, T, need, gt_before, eq_before, K):
     """Store the ids of keys > T and of the first `need` keys == T (in id order, counting
     eq_before earlier ones) at their rank among the selected ids."""
     gt = live & (s > T)
@@ -239,7 +264,7 @@ def _emit(OUT, s, idx, live, T, need, gt_before, eq_before):
     take = gt | ((eq != 0) & (eq_rank < need))
     t = take.to(tl.int32)
     at = gt_before + tl.minimum(eq_before, need) + tl.cumsum(t, 0) - t
-    tl.store(OUT + at, idx.to(tl.int64), mask=take)
+    tl.store(OUT + at, idx.to(tl.int64), mask=take & (at < K))  # at < K holds; never write past
 
 
 @triton.jit
@@ -262,7 +287,7 @@ def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr):
         live = idx < n
         s = tl.load(KEYS + idx, mask=live, other=0)
         T = _kth_largest(s, live, K)
-        _emit(OUT, s, idx, live, T, K - _count(live & (s > T)), 0, 0)
+        _emit(OUT, s, idx, live, T, K - _count(live & (s > T)), 0, 0, K)
 
 
 @triton.jit
@@ -280,13 +305,24 @@ def _level_kernel(KEYS, HIST, POS, cap, ratio, K, LEVEL: tl.constexpr, CH: tl.co
         s, idx, live = _chunk(KEYS, n, CH)
         prefix, rank = _descend(HIST, K, LEVEL - 1)
         if LEVEL == 2:
-            match = live & ((s >> 21) == prefix)
-            if _count(match) > 0:
-                _hist_add(HIST + 2048, (s >> 10) & 0x7FF, match, 2048)
+            _hist_scatter(HIST + H2, (s >> 11) & 0xFFF, live & ((s >> 23) == prefix), CH)
         else:
-            match = live & ((s >> 10) == prefix)
-            if _count(match) > 0:
-                _hist_add(HIST + 4096, s & 0x3FF, match, 1024)
+            _hist_scatter(HIST + H3, s & 0x7FF, live & ((s >> 11) == prefix), CH)
+
+
+@triton.jit
+def _hist_scatter(HIST, digit, mask, CH: tl.constexpr):
+    """Count masked digits, one integer atomic each: mantissa digits spread over the bins.
+    Keys crowded into a few bins (equal scores) are counted here first, 64 bins wide."""
+    m = _count(mask)
+    if m > 0:
+        lo = tl.min(tl.where(mask, digit, 1 << 30), 0)
+        hi = tl.max(tl.where(mask, digit, -1), 0)
+        if (m > CH // 8) & (hi - lo < 64):
+            h = tl.histogram(digit - lo, 64, mask=mask)
+            tl.atomic_add(HIST + lo + tl.arange(0, 64), h, mask=h > 0, sem="relaxed")
+        else:
+            tl.atomic_add(HIST + digit, mask.to(tl.int32), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -310,8 +346,8 @@ def _emit_kernel(KEYS, HIST, WORK, POS, OUT, cap, ratio, K, NPROG, CH: tl.conste
     n = _visible(POS, ratio, cap)
     pid = tl.program_id(0)
     if pid == 0:  # nothing reads the histograms any more: leave them zero for the next call
-        for i0 in range(0, 5120, 1024):
-            tl.store(HIST + i0 + tl.arange(0, 1024), tl.zeros((1024,), dtype=tl.int32))
+        for i0 in range(0, HIST_WORDS, 512):
+            tl.store(HIST + i0 + tl.arange(0, 512), tl.zeros((512,), dtype=tl.int32))
         if n <= K:
             _write_first(OUT, K, 1024)
     if (n > K) & (pid * CH < n):
@@ -322,10 +358,17 @@ def _emit_kernel(KEYS, HIST, WORK, POS, OUT, cap, ratio, K, NPROG, CH: tl.conste
         gt_before = tl.sum(tl.load(WORK + g, mask=earlier, other=0), 0)
         eq_before = tl.sum(tl.load(WORK + NPROG + g, mask=earlier, other=0), 0)
         s, idx, live = _chunk(KEYS, n, CH)
-        _emit(OUT, s, idx, live, T, need, gt_before, eq_before)
+        _emit(OUT, s, idx, live, T, need, gt_before, eq_before, K)
 
 
 # ---- Launcher -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _score_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(qi: Tensor, w: Tensor, rows, pos: Tensor, ratio: int, k: int) -> None:
@@ -375,31 +418,42 @@ def indexer_topk(
         scratch = IndexerScratch.new(cap, qi.device, cfg)
     elif not scratch.fits(cap, qi.device, cfg):
         raise ValueError(f"scratch does not fit capacity {cap} on {qi.device}")
+    _launch_score(qi.contiguous(), w.contiguous(), rows, pos, ratio, k, scratch, cfg)
+    _launch_select(cap, pos, ratio, k, scratch, out, cfg)
+    return out
+
+
+def _launch_score(qi, w, rows, pos, ratio, k, scratch: IndexerScratch, cfg: TopkConfig) -> None:
+    """Keys of the visible rows (and the top-digit histogram when the passes select)."""
     hi, di = qi.shape
-    fp4 = isinstance(rows, FP4Rows)
-    r0, r1 = (rows.parts[0], rows.parts[1]) if fp4 else (rows.parts[0], rows.parts[0])
-    small = cap <= cfg.small_cap
-    qi, w = qi.contiguous(), w.contiguous()
-    _score_kernel[(triton.cdiv(cap, cfg.block),)](
+    cap, fp4 = rows.cap, isinstance(rows, FP4Rows)
+    # FP4 codes as int32 words: the kernel reads them 16 bytes a thread
+    r0, r1 = (rows.parts[0].view(torch.int32), rows.parts[1]) if fp4 else rows.parts * 2
+    blocks = triton.cdiv(cap, cfg.block)
+    programs = min(blocks, cfg.score_programs or _score_programs(qi.device))
+    _score_kernel[(programs,)](
         qi, w, r0, r1, pos, scratch.keys, scratch.hist, cap, ratio, k,
-        HI=hi, DI=di, BN=cfg.block, FP4=fp4, HIST1=not small, INTERP=interpreting(),
-        num_warps=cfg.score_warps,
+        HI=hi, DI=di, BN=cfg.block, FP4=fp4, HIST1=cap > cfg.small_cap, INTERP=interpreting(),
+        # float rows: no software pipelining (its buffers would overflow shared memory)
+        num_warps=cfg.score_warps, maxnreg=cfg.score_maxnreg if fp4 else None,
+        num_stages=3 if fp4 else 1,
     )  # fmt: skip
-    if small:
+
+
+def _launch_select(cap, pos, ratio, k, scratch: IndexerScratch, out, cfg: TopkConfig) -> None:
+    """out [k] from the keys: one program for small capacities, else the histogram passes."""
+    keys, hist, work = scratch.keys, scratch.hist, scratch.work
+    if cap <= cfg.small_cap:
         cp = triton.next_power_of_2(cap)
-        _select_small_kernel[(1,)](
-            scratch.keys, pos, out, cap, ratio, k, CP=cp, num_warps=cfg.select_warps
-        )
-        return out
+        _select_small_kernel[(1,)](keys, pos, out, cap, ratio, k, CP=cp, num_warps=cfg.select_warps)
+        return
     nprog = triton.cdiv(cap, cfg.chunk)
     grid, ch, nw = (nprog,), cfg.chunk, cfg.pass_warps
-    keys, hist, work = scratch.keys, scratch.hist, scratch.work
     for level in (2, 3):
         _level_kernel[grid](keys, hist, pos, cap, ratio, k, LEVEL=level, CH=ch, num_warps=nw)
     _count_kernel[grid](keys, hist, work, pos, cap, ratio, k, nprog, CH=ch, num_warps=nw)
     gp = max(16, triton.next_power_of_2(nprog))
     _emit_kernel[grid](keys, hist, work, pos, out, cap, ratio, k, nprog, CH=ch, GP=gp, num_warps=nw)
-    return out
 
 
 # ---- Reference ----------------------------------------------------------------------------
