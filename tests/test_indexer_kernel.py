@@ -1,10 +1,11 @@
 """The decode indexer top-k kernel against its torch reference (TRITON_INTERPRET=1 on the CPU).
 
 Checks: the selected set equals the reference's where scores are well separated, and is a valid
-top-k within 1e-5 of the score scale everywhere; exact ties pick the lower ids; fewer visible
-rows than k (invisible ids fill up), none, all; capacities that are not multiples of the block;
-both row stores, both selection paths (one-program and histogram passes); scratch reuse; bad
-input. The GPU test runs the Flash sizes (64 heads x 128 dims, k = 512, up to 262 145 rows).
+top-k within 1e-5 of the score scale everywhere; the scores behind the ranking are float32-exact
+(against float64); exact ties and crowded near-ties pick the lower ids; fewer visible rows than
+k (invisible ids fill up), none, all; capacities that are not multiples of the block; both row
+stores, both selection paths (one program, histogram passes); scratch reuse; bad input. The GPU
+test runs the Flash sizes (64 heads x 128 dims, k = 512, up to 262 145 rows) and a graph replay.
 """
 
 from __future__ import annotations
