@@ -37,7 +37,7 @@ class TopkConfig:
     chunk: int = 2048  # keys per program in the histogram / count / emit passes
     pass_warps: int = 4
     small_cap: int = 4096  # up to this capacity one program selects, keys in registers
-    select_warps: int = 8
+    select_warps: int = 8  # at least; more for capacities over 4096
 
 
 DEFAULT = TopkConfig()
@@ -445,7 +445,8 @@ def _launch_select(cap, pos, ratio, k, scratch: IndexerScratch, out, cfg: TopkCo
     keys, hist, work = scratch.keys, scratch.hist, scratch.work
     if cap <= cfg.small_cap:
         cp = triton.next_power_of_2(cap)
-        _select_small_kernel[(1,)](keys, pos, out, cap, ratio, k, CP=cp, num_warps=cfg.select_warps)
+        nw = max(cfg.select_warps, min(32, cp // 512))  # <= 16 keys a thread
+        _select_small_kernel[(1,)](keys, pos, out, cap, ratio, k, CP=cp, num_warps=nw)
         return
     nprog = triton.cdiv(cap, cfg.chunk)
     grid, ch, nw = (nprog,), cfg.chunk, cfg.pass_warps
