@@ -318,6 +318,52 @@ GEMV_SHAPES = [  # name, type, out, in, groups
      for q in (GQ.F16, GQ.BF16, GQ.Q8_0, GQ.Q2_K, GQ.Q4_K, GQ.IQ2_XXS)]  # fmt: skip
 
 
+# the engine's decode GEMVs per layer (joined groups as `TritonOps.merge` builds them) + the head
+ENGINE_GEMVS = [  # name, type, out, in, groups
+    ("attn_q_a+attn_kv", GQ.Q8_0, 1536, 4096, 1),
+    ("attn_q_b", GQ.Q8_0, 32768, 1024, 1),
+    ("attn_output_a g8", GQ.Q8_0, 8192, 4096, 8),
+    ("attn_output_b", GQ.Q8_0, 4096, 8192, 1),
+    ("ffn gate+up shexp", GQ.Q8_0, 4096, 4096, 1),
+    ("ffn_down_shexp", GQ.Q8_0, 4096, 2048, 1),
+    ("compressors+indexer_proj (ratio 4)", GQ.F16, 2624, 4096, 1),
+    ("compressors (ratio 128)", GQ.F16, 1024, 4096, 1),
+    ("indexer_attn_q_b", GQ.F16, 8192, 1024, 1),
+    ("ffn_gate_inp", GQ.F16, 256, 4096, 1),
+    ("hc_attn_fn", GQ.F16, 24, 16384, 1),
+    ("output", GQ.Q8_0, 129280, 4096, 1),
+]
+
+
+def sweep_engine_gemvs(copy_bw, grid) -> list[dict]:
+    """Every (BN, BK, warps) tiling of the engine's decode GEMVs at T = 1: the data for
+    `gemv_config`'s defaults on this card."""
+    out = []
+    for name, q, n, k, g in ENGINE_GEMVS:
+        w = weight(q, (n, k), seed=n + k)
+        ws = copies(w)
+        x = torch.randn(1, g, k, device=DEV).squeeze(1).contiguous()
+        default = gemv_config(n, k, n // g, 1, int8=q in INT8_PATH)
+        t_def = time_graph([lambda w_=w_, x=x, c=default: gemv(x, w_, grid, c) for w_ in ws])
+        best = (t_def, default)
+        for bk in (512, 1024, 2048, 4096):
+            for bn in (1, 2, 4, 8, 16, 32):
+                for nw in (1, 2, 4, 8):
+                    if k % bk or (n // g) % bn or bn * bk > 32768 or bn * bk < 1024:
+                        continue
+                    cfg = dict(BN=bn, BK=bk, num_warps=nw)
+                    t = time_graph([lambda w_=w_, x=x, c=cfg: gemv(x, w_, grid, c) for w_ in ws])
+                    best = min(best, (t, cfg), key=lambda r: r[0])
+        row = dict(name=name, qtype=q.name, n=n, k=k, mb=w.nbytes / 1e6,
+                   default=default, default_us=t_def * 1e6,
+                   default_pct=100 * w.nbytes / t_def / copy_bw,
+                   best=best[1], best_us=best[0] * 1e6,
+                   best_pct=100 * w.nbytes / best[0] / copy_bw)  # fmt: skip
+        print(row, flush=True)
+        out.append(row)
+    return out
+
+
 def run_tests() -> int:
     import pytest
 
@@ -330,6 +376,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for bench.json and bench.log")
     ap.add_argument("--tests", action="store_true", help="run the quant pytest files first")
     ap.add_argument("--quick", action="store_true", help="decode shapes at T=1 only, no prefill")
+    ap.add_argument("--sweep", action="store_true", help="only: tile sweep of the engine GEMVs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -340,6 +387,13 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     mm = bf16_matmul_tflops()
     print(f"{props.name}: copy {copy_bw / 1e9:.0f} GB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
+    if args.sweep:
+        sweep = sweep_engine_gemvs(copy_bw, grid)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            summary = dict(device=props.name, copy_gbps=copy_bw / 1e9, sweep=sweep)
+            (args.out / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
+        return
     rows: list[dict] = []
     for name, q, n, k, g in GEMV_SHAPES:
         bench_gemv(name, q, n, k, g, 1, copy_bw, grid, rows)

@@ -29,6 +29,7 @@ class TritonOps(Ops):
         self.tabs = tables(self.device)
         self._fused: dict = {}
         self._joined: dict[tuple[int, ...], QTensor] = {}  # views' data pointers -> joined matrix
+        self._dense_cache: dict[tuple, torch.Tensor] = {}
 
     def prepare(self, w: QTensor) -> QTensor:
         """Move to the device and regroup block bytes per row (split layout, same size);
@@ -46,6 +47,14 @@ class TritonOps(Ops):
         if w.shape[0] % 32:  # no tensor-core tiling for e.g. the 24-row mHC projections
             return ref.linear(x, w)
         return gemm(x, w, self.tabs)
+
+    def _dense(self, w: QTensor) -> torch.Tensor:
+        """float32 values of a small weight no kernel reads, decoded once (a decode step that
+        dequantizes would copy host tables to the device: not capturable)."""
+        key = (w.data.data_ptr(), w.shape)
+        if key not in self._dense_cache:
+            self._dense_cache[key] = w.dequantize()
+        return self._dense_cache[key]
 
     def merge(self, ws: list[QTensor]) -> list[QTensor]:
         # one matrix of all rows: decode runs one GEMV instead of 2-5 small ones (each small
@@ -88,7 +97,8 @@ class TritonOps(Ops):
         clamp: float,
     ) -> torch.Tensor:
         if not all(kernel_ok(w) for w in (gate, up, down)):
-            return _moe_all_experts(x, ids, weights, gate, up, down, clamp)
+            dense = tuple(self._dense(w) for w in (gate, up, down))
+            return _moe_all_experts(x, ids, weights, *dense, clamp)
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         # long chunks: bf16 copies of 64 experts at a time beat decoding 2-4 bit tiles per
@@ -111,18 +121,21 @@ class TritonOps(Ops):
         from ds4py.kv.state import FloatRows
         from ds4py.quant.triton.attend import attend_decode
         from ds4py.quant.triton.compress import compress_decode
-        from ds4py.quant.triton.indexer import indexer_topk
+        from ds4py.quant.triton.indexer import IndexerScratch, indexer_topk
 
         kernels = dict(reference)
         kernels["attend"] = torch.compiler.disable(attend_decode)
-        fast_topk = torch.compiler.disable(indexer_topk)
+        scratch: dict[int, IndexerScratch] = {}  # by capacity: shared by the layers
 
+        @torch.compiler.disable
         def topk(qi, w, rows, p, ratio, k):
             # the kernel's tensor-core tiles need >= 16 heads and >= 32 dims, powers of two
             hi, di = qi.shape
             if hi < 16 or di < 32 or hi & (hi - 1) or di & (di - 1):
                 return reference["indexer_topk"](qi, w, rows, p, ratio, k)
-            return fast_topk(qi, w, rows, p, ratio, k)
+            if rows.cap not in scratch:
+                scratch[rows.cap] = IndexerScratch.new(rows.cap, qi.device)
+            return indexer_topk(qi, w, rows, p, ratio, k, scratch=scratch[rows.cap])
 
         kernels["indexer_topk"] = topk
 
@@ -148,11 +161,10 @@ class TritonOps(Ops):
         return hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
 
 
-def _moe_all_experts(x, ids, weights, gate, up, down, clamp) -> torch.Tensor:
+def _moe_all_experts(x, ids, weights, g, u, d, clamp) -> torch.Tensor:
     """`ref.moe` without its host-side loop over the used experts (so a decode step stays
-    capturable): every expert dequantized, then gathered per slot. Only for the small
-    weights no kernel reads (e.g. IQ2_XXS rows of 256 values)."""
-    g, u, d = (w.dequantize() for w in (gate, up, down))  # [E, F, D], [E, F, D], [E, D, F]
+    capturable), on dense experts g, u [E, F, D], d [E, D, F], gathered per slot. Only for the
+    small weights no kernel reads (e.g. IQ2_XXS rows of 256 values)."""
     xs = x[:, None, :, None]  # [T, 1, D, 1]
     h = ref.swiglu((g[ids] @ xs)[..., 0], (u[ids] @ xs)[..., 0], clamp) * weights[..., None]
     return (d[ids] @ h[..., None])[..., 0].sum(1)
