@@ -229,8 +229,7 @@ class Block:
         The projection runs on the raw streams and the mHC input norm scales its 24 outputs
         (the same product; one fused kernel then does the rest)."""
         s = self.shape
-        v = self.ops.linear(X.flatten(1), fn)  # [T, (2+hc)*hc]
-        return self.ops.hc_pre(X, v, scale, base, s.norm_eps, s.hc_eps, s.hc_sinkhorn_iters)
+        return self.ops.hc_pre(X, fn, scale, base, s.norm_eps, s.hc_eps, s.hc_sinkhorn_iters)
 
     @staticmethod
     def hc_post(X: Tensor, y: Tensor, post: Tensor, comb: Tensor) -> Tensor:
@@ -381,13 +380,15 @@ class Block:
     # ---- MoE (MODEL.md §2.9) ----
     def moe(self, x: Tensor, tokens: Tensor) -> Tensor:
         s = self.shape
-        scores = torch.sqrt(F.softplus(self.ops.linear(x, self.ffn_gate_inp)))  # [T, E]
-        if self.hash_routed:
+        logits = self.ops.linear(x, self.ffn_gate_inp)  # [T, E]
+        if self.hash_routed:  # the experts come from the token id; the weights as learned ones
             ids = self.ffn_gate_tid2eid[tokens].long()
+            w = torch.sqrt(F.softplus(logits)).gather(1, ids)
+            w = s.expert_weights_scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
         else:
-            ids = torch.topk(scores + self.exp_probs_b, s.n_expert_used, dim=-1).indices
-        w = scores.gather(1, ids)
-        w = s.expert_weights_scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
+            ids, w = self.ops.route(
+                logits, self.exp_probs_b, s.n_expert_used, s.expert_weights_scale
+            )
         routed = self.ops.moe(
             x, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps, s.swiglu_clamp
         )

@@ -69,9 +69,19 @@ class Ops:
         """Routed experts: x [T, D], ids/weights [T, k]; gate/up (E, F, D), down (E, D, F)."""
         return ref.moe(x, ids, weights, gate, up, down, clamp)
 
-    def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
-        """mHC pre from the unnormalised mixing logits v = fn . X_flat: (u, post, comb)."""
+    def hc_pre(self, X, fn: QTensor, scale, base, norm_eps: float, hc_eps: float, iters: int):
+        """mHC pre of streams X [T, hc, D] with mixing weight fn ((2+hc)*hc, hc*D): (u, post,
+        comb). The projection runs on the raw streams; their RMS scales its outputs."""
+        v = self.linear(X.flatten(1), fn)
         return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+
+    def route(self, logits, bias, k: int, scale: float):
+        """Learned routing (MODEL.md §2.9): scores sqrt(softplus(logits)) [T, E]; ids [T, k] of
+        the k largest scores + bias (descending), weights = scale * their scores / sum."""
+        scores = torch.sqrt(torch.nn.functional.softplus(logits))
+        ids = torch.topk(scores + bias, k, dim=-1).indices
+        w = scores.gather(1, ids)
+        return ids, scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b (broadcast batch dims) with a float32 result: attention and indexer products."""

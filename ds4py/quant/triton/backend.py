@@ -44,7 +44,11 @@ class TritonOps(Ops):
         x = x.contiguous()
         if x.shape[0] <= MAX_TOKENS:
             return gemv(x, w, self.tabs)
-        if w.shape[0] % 32:  # no tensor-core tiling for e.g. the 24-row mHC projections
+        if w.shape[0] % 32 and x.dim() == 2 and w.qtype == GQ.F16:
+            # no tile fits the 24-row mHC projections: cuBLAS on float16 operands (the weight
+            # is F16; the streams round like tf32), float32 sums and result
+            return torch.mm(x.half(), self._dense(w).half().T, out_dtype=torch.float32)
+        if w.shape[0] % 32:
             return ref.linear(x, w)
         return gemm(x, w, self.tabs)
 
@@ -155,7 +159,8 @@ class TritonOps(Ops):
         return self._fused[fn]
 
     @torch.compiler.disable  # launched as written, also inside fused regions
-    def hc_pre(self, X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
+    def hc_pre(self, X, fn: QTensor, scale, base, norm_eps: float, hc_eps: float, iters: int):
+        v = self.linear(X.flatten(1), fn)
         if X.shape[1] != 4:
             return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
         return hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)

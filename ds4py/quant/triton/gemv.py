@@ -97,6 +97,8 @@ def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int |
     """BN, BK: a whole-K tile where it fits, few rows per program so the grid fills the GPU
     (~4 programs per SM keep enough loads in flight); the interpreter wants few, big programs.
     Defaults from the H100 sweep in docs/PERFORMANCE.md; more tokens, smaller tiles (spills)."""
+    if tile is None and num_warps is None and n_tok == 1 and not int8 and not interpreting():
+        return _one_token_config(n, k, rows_per_group)
     if tile is None:
         tile = (8192 if int8 else 4096) // (2 if n_tok > 4 else 1)
     if num_warps is None:
@@ -108,6 +110,17 @@ def gemv_config(n: int, k: int, rows_per_group: int, n_tok: int = 1, tile: int |
     while bn > 1 and (n // bn < min_programs or rows_per_group % bn):
         bn //= 2
     return dict(BN=bn, BK=bk, num_warps=num_warps)
+
+
+def _one_token_config(n: int, k: int, rows_per_group: int) -> dict:
+    """One-token float/Q8_0 tilings from the H200 sweep (`bench_kernels.py --sweep`,
+    docs/PERFORMANCE.md): one row and a 1024-wide K step per single-warp program keeps the
+    most loads in flight; K <= 1024 rows are too short for that, tiny outputs too few."""
+    if n < 512:
+        return dict(BN=1, BK=_pow2_divisor(k, 4096), num_warps=8)
+    if k <= 1024:
+        return dict(BN=_pow2_divisor(rows_per_group, 4), BK=_pow2_divisor(k, 512), num_warps=4)
+    return dict(BN=1, BK=_pow2_divisor(k, 1024), num_warps=1)
 
 
 def _check(x: torch.Tensor, w: QTensor) -> int:
