@@ -31,19 +31,27 @@ from .model import (
 Tensor = torch.Tensor
 
 
-def block_step(blk: Block, X: Tensor, token: Tensor, p: Tensor, st: LayerState, kernels) -> Tensor:
-    """One block on one token: X [1, hc, D] at position p [1]."""
+def block_step(blk: Block, X: Tensor, token: Tensor, p: Tensor, st: LayerState, kernels, ropes):
+    """One block on one token: X [1, hc, D] at position p [1]; ropes: `rope_tables`."""
     u, post, comb = blk.hc_pre(X, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base)
-    y = attention_step(blk, rms_norm(u, blk.attn_norm, blk.shape.norm_eps), p, st, kernels)
-    X = blk.hc_post(X, y, post, comb)
+    x = rms_norm(u, blk.attn_norm, blk.shape.norm_eps)
+    y = attention_step(blk, x, p, st, kernels, ropes[blk.ratio])
+    X = hc_post_step(X, y, post, comb)
     u, post, comb = blk.hc_pre(X, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base)
     y = blk.moe(rms_norm(u, blk.ffn_norm, blk.shape.norm_eps), token)
-    return blk.hc_post(X, y, post, comb)
+    return hc_post_step(X, y, post, comb)
 
 
-def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState, kernels: dict) -> Tensor:
+def hc_post_step(X: Tensor, y: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """Block.hc_post for one token as a broadcast sum: a fused region compiles it to one
+    pointwise kernel, where the einsum became a 4x4 batched GEMM launch."""
+    mixed = (comb[:, :, :, None] * X[:, :, None, :]).sum(1)  # [1, hc, D]: sum_a comb[a, b] X_a
+    return post[:, :, None] * y[:, None, :] + mixed
+
+
+def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState, kernels, ropes) -> Tensor:
     s, ops = blk.shape, blk.ops
-    cs = rope_table(p, blk.freqs)
+    cs = ropes[0]
     qa, kv = ops.linears(x, (blk.attn_q_a, blk.attn_kv))
     qr = rms_norm(qa, blk.attn_q_a_norm, s.norm_eps)
     q = ops.linear(qr, blk.attn_q_b).view(1, s.n_head, s.head_dim)
@@ -53,7 +61,7 @@ def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState, kernels: di
     rows = idx = None
     if blk.ratio:
         proj = ops.linears(x, blk.compressor_weights())
-        compress_step(blk, proj, p, st, kernels)
+        compress_step(blk, proj, p, st, kernels, ropes[1])
         rows = st.comp
         if blk.ratio == 4:
             idx = indexer_step(blk, proj[4], qr, cs, p, st, kernels)
@@ -79,11 +87,11 @@ def attend_step(q: Tensor, raw: Tensor, p: Tensor, rows, idx, ratio: int, sinks:
     return attend(q[None], parts, sinks)[0]
 
 
-def compress_step(blk: Block, proj: tuple, p: Tensor, st: LayerState, kernels: dict) -> None:
+def compress_step(blk: Block, proj: tuple, p: Tensor, st: LayerState, kernels, row_cs) -> None:
     """Feed the token (its compressor projections) to the compressors; (re)write row
     p // ratio from the open window."""
     s, r = blk.shape, blk.ratio
-    cos, sin = rope_table((p // r) * r, blk.freqs)
+    cos, sin = row_cs
     compress, sim = kernels["compress"], blk.quant_sim
     cos, sin, eps = cos[0], sin[0], s.norm_eps
     ape, norm = blk.attn_compressor_ape, blk.attn_compressor_norm
@@ -152,15 +160,27 @@ def indexer_topk(qi: Tensor, w: Tensor, rows, p: Tensor, ratio: int, k: int) -> 
     return torch.sort(score, descending=True, stable=True).indices[:k]
 
 
+def rope_tables(model: Transformer, p: Tensor) -> dict:
+    """The step's RoPE angles, once for all layers: per compression ratio, (cos, sin) at the
+    token's position and at the position of the compressed row it feeds (None for ratio 0)."""
+    out, table = {}, model.ops.fuse(rope_table)
+    for blk in model.blk:
+        r = blk.ratio
+        if r not in out:
+            out[r] = (table(p, blk.freqs), table((p // r) * r, blk.freqs) if r else None)
+    return out
+
+
 def decode_step(
     model: Transformer, state: KVState, token: Tensor, p: Tensor, step=block_step, kernels=None
 ) -> Tensor:
     """Logits [vocab] after token [1] at position p [1]; the state's host counters are not
     touched (the caller advances them: nothing here may read device values)."""
     kernels = kernels or REFERENCE
+    ropes = rope_tables(model, p)
     X = model.embed(token)[:, None, :].expand(-1, model.shape.hc_mult, -1)
     for blk, st in zip(model.blk, state.layers, strict=True):
-        X = step(blk, X, token, p, st, kernels)
+        X = step(blk, X, token, p, st, kernels, ropes)
     return model.ops.linear(model.head(X), model.output)[0]
 
 
