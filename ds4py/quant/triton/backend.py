@@ -17,6 +17,7 @@ from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
 from ds4py.quant.triton.hc import hc_pre
 from ds4py.quant.triton.moe import moe_decode, moe_prefill
+from ds4py.quant.triton.route import route
 from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
 
 
@@ -157,6 +158,12 @@ class TritonOps(Ops):
         if fn not in self._fused:
             self._fused[fn] = torch.compile(fn, dynamic=None)
         return self._fused[fn]
+
+    @torch.compiler.disable  # launched as written, also inside fused regions
+    def route(self, logits, bias, k: int, scale: float):
+        if logits.shape[0] > MAX_TOKENS:  # prefill: torch's top-k is fine at many tokens
+            return super().route(logits, bias, k, scale)
+        return route(logits, bias, k, scale)
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def hc_pre(self, X, fn: QTensor, scale, base, norm_eps: float, hc_eps: float, iters: int):
