@@ -6,9 +6,10 @@ Usage: python scripts/check_hc.py OUT   (CUDA; writes OUT/hc.json)
 Flash size D = 4096 for T = 1 and 4, several seeds and Sinkhorn depths, the sweep's tilings too:
 norm-relative and max-abs errors of u, post, comb; bit-identical reruns. (b) time per call in a
 CUDA graph of 100 calls (median of replays), each call on its own copy of fn and X (96 copies,
-more than L2 holds): the fused path (default tiling, each launch alone, and a tiling sweep),
-today's path (gemv + the one-program-per-token hc_pre kernel) and the reference through
-torch.compile. Asserts after writing the JSON. Needs only torch, triton and gguf.
+more than L2 holds): the fused path (two launches: default tiling and each launch alone; one
+launch with an integer ticket; a tiling sweep of both), today's path (gemv + the one-program-
+per-token hc_pre kernel) and the reference through torch.compile.
+Asserts after writing the JSON. Needs only torch, triton and gguf.
 """
 
 from __future__ import annotations
@@ -82,15 +83,17 @@ def errors(got, want) -> dict:
     return out
 
 
-def check(T: int, seed: int, iters: int, cfg: dict | None = None) -> dict:
+def check(T: int, seed: int, iters: int, cfg: dict | None = None, one: bool = False) -> dict:
+    """Errors of one configuration; `one`: the single-launch (ticket) form."""
     X, fn, scale, base = inputs(T, seed)
     args = (X, fn, scale, base, EPS, HC_EPS, iters)
-    got = hc_pre_fused(*args, cfg=cfg)
-    res = {"T": T, "seed": seed, "iters": iters, "cfg": cfg or hc_fused_config(D)}
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEV) if one else None
+    got = hc_pre_fused(*args, cfg=cfg, ticket=ticket)
+    res = {"T": T, "seed": seed, "iters": iters, "cfg": cfg or hc_fused_config(D), "one": one}
     res |= errors(got, hc_pre_fused_ref(*args))
-    res["deterministic"] = all(
-        torch.equal(a, b) for a, b in zip(got, hc_pre_fused(*args, cfg=cfg), strict=True)
-    )
+    again = hc_pre_fused(*args, cfg=cfg, ticket=ticket)
+    res["deterministic"] = all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+    res["ticket_reset"] = ticket is None or int(ticket.item()) == 0
     return res
 
 
@@ -160,6 +163,10 @@ def time_all(T: int) -> dict:
 
     pick = [copies[i % COPIES] for i in range(100)]
     res["fused_us"] = graph_us([lambda c=c: hc_pre_fused(*c, EPS, HC_EPS, ITERS) for c in pick])
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEV)
+    res["fused_one_launch_us"] = graph_us(
+        [lambda c=c: hc_pre_fused(*c, EPS, HC_EPS, ITERS, ticket=ticket) for c in pick]
+    )
     cfg = hc_fused_config(D)
     pairs = [launches(T, cfg, c) for c in pick]
     res["fused_launch1_us"] = graph_us([p[0] for p in pairs])
@@ -179,9 +186,14 @@ def time_all(T: int) -> dict:
         res["ref_compiled_error"] = f"{type(e).__name__}: {e}"[:500]
     res["sweep"] = []
     for cfg in SWEEP:
-        calls = [lambda c=c, cfg=cfg: hc_pre_fused(*c, EPS, HC_EPS, ITERS, cfg=cfg) for c in pick]
-        res["sweep"].append({**cfg, "us": round(graph_us(calls), 3)})
+        for tk in (None, ticket):
+            calls = [
+                lambda c=c, cfg=cfg, tk=tk: hc_pre_fused(*c, EPS, HC_EPS, ITERS, cfg=cfg, ticket=tk)
+                for c in pick
+            ]
+            res["sweep"].append({**cfg, "one": tk is not None, "us": round(graph_us(calls), 3)})
     res["best"] = min(res["sweep"], key=lambda r: r["us"])
+    res["best_two_launch"] = min((r for r in res["sweep"] if not r["one"]), key=lambda r: r["us"])
     return res
 
 
@@ -203,17 +215,21 @@ def main() -> None:
     for T in (1, 4):
         for seed in range(3):
             for iters in (1, ITERS):
-                report["checks"].append(check(T, seed, iters))
-                print(json.dumps(report["checks"][-1]), flush=True)
+                for one in (False, True):
+                    report["checks"].append(check(T, seed, iters, one=one))
+                    print(json.dumps(report["checks"][-1]), flush=True)
         for cfg in SWEEP:
-            report["checks"].append(check(T, 9, ITERS, cfg))
+            for one in (False, True):
+                report["checks"].append(check(T, 9, ITERS, cfg, one))
     for T in (1, 4):
         report["timing"].append(time_all(T))
         print(json.dumps({k: v for k, v in report["timing"][-1].items() if k != "sweep"}))
     report["seconds"] = round(time.time() - t0, 1)
     (outdir / "hc.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {outdir / 'hc.json'}")
-    bad = [c for c in report["checks"] if not c["ok"] or not c["deterministic"]]
+    bad = [
+        c for c in report["checks"] if not (c["ok"] and c["deterministic"] and c["ticket_reset"])
+    ]
     assert not bad, bad
 
 

@@ -119,5 +119,25 @@ def test_hc_pre_fused_bad_inputs():
 def test_hc_pre_fused_flash_size(T):
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference projection in float32
     args = (*inputs(T, 4096, seed=T, device="cuda"), 1e-6, 1e-6, 20)
-    for a, b in zip(hc_pre_fused(*args), hc_pre_fused_ref(*args), strict=True):
-        assert rel(a, b) <= 1e-5
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    want = hc_pre_fused_ref(*args)
+    for got in (hc_pre_fused(*args), hc_pre_fused(*args, ticket=ticket)):
+        for a, b in zip(got, want, strict=True):
+            assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("T,D,iters", [(1, 64, 20), (3, 256, 1)])
+def test_hc_pre_fused_single_launch(T, D, iters):
+    """The one-launch form (integer ticket, last program finishes) matches the reference, is
+    bit-identical run to run and leaves its ticket at zero for the next call."""
+    args = (*inputs(T, D, seed=D + iters), 1e-6, 1e-6, iters)
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    want = hc_pre_fused_ref(*args)
+    first = hc_pre_fused(*args, ticket=ticket)
+    for _ in range(2):
+        one = hc_pre_fused(*args, ticket=ticket)
+        assert int(ticket.item()) == 0
+        for a, b, c in zip(one, first, want, strict=True):
+            assert torch.equal(a, b) and rel(a, c) <= 1e-5
+    with pytest.raises(ValueError, match="ticket must be int32"):
+        hc_pre_fused(*args, ticket=ticket.long())

@@ -100,23 +100,64 @@ def hc_pre(X, v, scale, base, norm_eps: float, hc_eps: float, iters: int):
 
 
 @triton.jit
-def _hc_partials_kernel(
-    X, W, S, K, T: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, SLOTS: tl.constexpr
+def _partials(
+    X, W, S, K, k, T: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, SLOTS: tl.constexpr
 ):
-    # slice k of X_flat: the 24 weight rows' halves once, then every token's partial products
-    k = tl.program_id(0)
+    """Slice k of X_flat: the 24 weight rows' halves once, then every token's 24 partial
+    products and partial sum of squares -> S[t, k]."""
     rows = tl.arange(0, SLOTS)
     cols = k * BK + tl.arange(0, BK)
     cm = cols < K
     w = tl.load(
         W + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < 24) & cm[None, :], other=0.0
-    )
-    w = w.to(tl.float32)
+    ).to(tl.float32)
     for t in tl.static_range(T):
         x = tl.load(X + t * K + cols, mask=cm, other=0.0)
         dots = tl.sum(w * x[None, :], 1)
         part = tl.where(rows == 24, tl.sum(x * x, 0), dots)
         tl.store(S + (t * P + k) * SLOTS + rows, part)
+
+
+@triton.jit
+def _token_mix(
+    S,
+    t,
+    SCALE,
+    BASE,
+    D,
+    norm_eps,
+    hc_eps,
+    P: tl.constexpr,
+    PB: tl.constexpr,
+    SLOTS: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    """Token t's pre/post/comb from its P partial rows, summed in one fixed order (the same
+    reduction tree in every program, so every program gets the same bits)."""
+    p = tl.arange(0, PB)
+    pm = p < P
+    h = tl.arange(0, 4)
+    idx = h[:, None] * 4 + h[None, :]
+    s = S + t * P * SLOTS + p * SLOTS
+    # .cg: another SM wrote these; read them from L2
+    vpre = tl.sum(
+        tl.load(s[:, None] + h[None, :], mask=pm[:, None], other=0.0, cache_modifier=".cg"), 0
+    )
+    vpost = tl.sum(
+        tl.load(s[:, None] + 4 + h[None, :], mask=pm[:, None], other=0.0, cache_modifier=".cg"), 0
+    )
+    pc = s[:, None, None] + 8 + idx[None, :, :]
+    vcomb = tl.sum(tl.load(pc, mask=pm[:, None, None], other=0.0, cache_modifier=".cg"), 0)
+    ssq = tl.sum(tl.load(s + 24, mask=pm, other=0.0, cache_modifier=".cg"), 0)
+    r = 1.0 / tl.sqrt(ssq / (4 * D) + norm_eps)
+    return _mix(vpre, vpost, vcomb, r, SCALE, BASE, hc_eps, ITERS)
+
+
+@triton.jit
+def _hc_partials_kernel(
+    X, W, S, K, T: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, SLOTS: tl.constexpr
+):
+    _partials(X, W, S, K, tl.program_id(0), T, BK, P, SLOTS)
 
 
 @triton.jit
@@ -127,24 +168,32 @@ def _hc_finish_kernel(
 ):  # fmt: skip
     c0 = tl.program_id(0)
     t = tl.program_id(1)
-    p = tl.arange(0, PB)
-    pm = p < P
-    h = tl.arange(0, 4)
-    idx = h[:, None] * 4 + h[None, :]
-    s = S + t * P * SLOTS + p * SLOTS
-    # the P slices summed in the same order by every program (same reduction tree)
-    vpre = tl.sum(tl.load(s[:, None] + h[None, :], mask=pm[:, None], other=0.0), 0)
-    vpost = tl.sum(tl.load(s[:, None] + 4 + h[None, :], mask=pm[:, None], other=0.0), 0)
-    pc = s[:, None, None] + 8 + idx[None, :, :]
-    vcomb = tl.sum(tl.load(pc, mask=pm[:, None, None], other=0.0), 0)
-    ssq = tl.sum(tl.load(s + 24, mask=pm, other=0.0), 0)
-    r = 1.0 / tl.sqrt(ssq / (4 * D) + norm_eps)
-    pre, post, c = _mix(vpre, vpost, vcomb, r, SCALE, BASE, hc_eps, ITERS)
+    pre, post, c = _token_mix(S, t, SCALE, BASE, D, norm_eps, hc_eps, P, PB, SLOTS, ITERS)
     if c0 == 0:
+        h = tl.arange(0, 4)
         tl.store(POST + t * 4 + h, post)
-        tl.store(COMB + t * 16 + idx, c)
-    x = X + t.to(tl.int64) * 4 * D
-    _collapse(x, U + t.to(tl.int64) * D, pre, c0 * BD, D, BD)
+        tl.store(COMB + t * 16 + h[:, None] * 4 + h[None, :], c)
+    _collapse(X + t.to(tl.int64) * 4 * D, U + t.to(tl.int64) * D, pre, c0 * BD, D, BD)
+
+
+@triton.jit
+def _hc_ticket_kernel(
+    X, W, S, TICKET, SCALE, BASE, U, POST, COMB, D, norm_eps, hc_eps,
+    T: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, SLOTS: tl.constexpr,
+    ITERS: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    # one launch: the program that draws the last ticket finishes every token alone
+    _partials(X, W, S, 4 * D, tl.program_id(0), T, BK, P, SLOTS)
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    if tl.atomic_add(TICKET, 1, sem="acq_rel") == P - 1:
+        tl.store(TICKET, 0)  # ready for the next call (graph replays)
+        h = tl.arange(0, 4)
+        for t in tl.static_range(T):
+            pre, post, c = _token_mix(S, t, SCALE, BASE, D, norm_eps, hc_eps, P, PB, SLOTS, ITERS)
+            tl.store(POST + t * 4 + h, post)
+            tl.store(COMB + t * 16 + h[:, None] * 4 + h[None, :], c)
+            for d0 in range(0, D, BD):
+                _collapse(X + t * 4 * D, U + t * D, pre, d0, D, BD)
 
 
 def hc_fused_config(D: int) -> dict:
@@ -162,11 +211,16 @@ def hc_pre_fused(
     hc_eps: float,
     iters: int,
     cfg: dict | None = None,
+    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC pre of T <= 8 tokens with the projection `fn . X_flat` fused in (two launches,
     capturable, deterministic). X [T, 4, D] float32, fn F16 (24, 4*D); `cfg` overrides the
-    tiling (benchmarks). Returns u [T, D], post [T, 4], comb [T, 4, 4] float32."""
+    tiling (benchmarks). With `ticket` (int32 [1], zero, kept by the caller and used by one
+    stream at a time) it is one launch: the last split-K program to finish does the rest.
+    Returns u [T, D], post [T, 4], comb [T, 4, 4] float32."""
     _check_fused(X, fn, scale, base, iters)
+    if ticket is not None and (ticket.dtype != torch.int32 or ticket.device != X.device):
+        raise ValueError(f"hc_pre_fused: ticket must be int32 on {X.device}, got {ticket.dtype}")
     T, _, D = X.shape
     K = 4 * D
     cfg = cfg or hc_fused_config(D)
@@ -178,12 +232,20 @@ def hc_pre_fused(
     w = fn.data.contiguous().view(torch.float16)  # F16 rows: plain little-endian halves
     part = torch.empty(T, n_slices, SLOTS, device=X.device, dtype=torch.float32)
     u, post, comb = _outputs(X)
+    pb = triton.next_power_of_2(n_slices)
+    if ticket is not None:
+        _hc_ticket_kernel[(n_slices,)](
+            X, w, part, ticket, scale.contiguous(), base.contiguous(), u, post, comb, D,
+            norm_eps, hc_eps, T=T, BK=bk, P=n_slices, PB=pb, SLOTS=SLOTS, ITERS=iters, BD=bd,
+            num_warps=cfg["warps1"],
+        )  # fmt: skip
+        return u, post, comb
     _hc_partials_kernel[(n_slices,)](
         X, w, part, K, T=T, BK=bk, P=n_slices, SLOTS=SLOTS, num_warps=cfg["warps1"]
     )
     _hc_finish_kernel[(triton.cdiv(D, bd), T)](
         X, part, scale.contiguous(), base.contiguous(), u, post, comb, D, norm_eps, hc_eps,
-        P=n_slices, PB=triton.next_power_of_2(n_slices), SLOTS=SLOTS, ITERS=iters, BD=bd,
+        P=n_slices, PB=pb, SLOTS=SLOTS, ITERS=iters, BD=bd,
         num_warps=cfg["warps2"],
     )  # fmt: skip
     return u, post, comb
@@ -198,6 +260,7 @@ def hc_pre_fused_ref(
     hc_eps: float,
     iters: int,
     cfg: dict | None = None,
+    ticket: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference with hc_pre_fused's signature: the projection, then `ref.hc_pre`."""
     _check_fused(X, fn, scale, base, iters)
