@@ -16,7 +16,7 @@ tl = triton.language
 
 from ds4py.kv.state import CompressorState, FloatRows, FP4Rows, FP8Rows  # noqa: E402
 from ds4py.model import decode  # noqa: E402
-from ds4py.model.model import fp4_sim, fp8_row, hadamard_matrix  # noqa: E402
+from ds4py.model.model import fp4_sim, fp8_row, hadamard_matrix, rope_table  # noqa: E402
 from ds4py.quant.triton.compress import (  # noqa: E402
     _store_fp4,
     _store_fp8,
@@ -108,7 +108,8 @@ def run_compress_steps(r: int, quant_sim: bool, n: int, compress, device=DEVICE)
     for p in range(n):
         proj = [t.to(device) for t in (*token(g, r, coff * 256, p), *token(g, r, coff * 128, p))]
         pos = torch.tensor([p], device=device)
-        decode.compress_step(blk, tuple(proj), pos, st, {"compress": compress})
+        row_cs = rope_table((pos // r) * r, blk.freqs)
+        decode.compress_step(blk, tuple(proj), pos, st, {"compress": compress}, row_cs)
         yield st
 
 

@@ -15,7 +15,8 @@ from ds4py.quant.formats import QTensor
 from ds4py.quant.ops import Ops
 from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
-from ds4py.quant.triton.hc import hc_pre
+from ds4py.quant.triton.hc import MAX_TOKENS as HC_MAX_TOKENS
+from ds4py.quant.triton.hc import hc_pre, hc_pre_fused
 from ds4py.quant.triton.moe import moe_decode, moe_prefill
 from ds4py.quant.triton.route import route
 from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
@@ -167,6 +168,9 @@ class TritonOps(Ops):
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def hc_pre(self, X, fn: QTensor, scale, base, norm_eps: float, hc_eps: float, iters: int):
+        if X.shape[1] == 4 and X.shape[0] <= HC_MAX_TOKENS and fn.qtype == GQ.F16:
+            # decode: projection, norm and Sinkhorn in two launches of many programs
+            return hc_pre_fused(X.contiguous(), fn, scale, base, norm_eps, hc_eps, iters)
         v = self.linear(X.flatten(1), fn)
         if X.shape[1] != 4:
             return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
