@@ -48,18 +48,13 @@ CONTEXTS = (4096, 32768, 131072, 1048576)
 TOL = 1e-5
 FLUSH_BYTES = 96 << 20
 SWEEP = [
-    dict(BH=16, R=16, NB=1, num_warps=4),
-    dict(BH=16, R=16, NB=1, num_warps=8),
-    dict(BH=16, R=32, NB=1, num_warps=4),
-    dict(BH=16, R=32, NB=1, num_warps=8),
-    dict(BH=32, R=16, NB=1, num_warps=8),
-    dict(BH=32, R=32, NB=1, num_warps=8),
-    dict(BH=16, R=16, NB=2, num_warps=4),
-    dict(BH=16, R=16, NB=4, num_warps=4),
-    dict(BH=16, R=32, NB=2, num_warps=8),
-    dict(BH=16, R=32, NB=4, num_warps=8),
-    dict(BH=32, R=16, NB=4, num_warps=8),
-    dict(BH=16, R=16, NB=8, num_warps=4),
+    dict(BH=64, R=64, num_warps=8),
+    dict(BH=64, R=32, num_warps=8),
+    dict(BH=64, R=16, num_warps=4),
+    dict(BH=32, R=32, num_warps=4),
+    dict(BH=32, R=16, num_warps=2),
+    dict(BH=16, R=32, num_warps=4),
+    dict(BH=16, R=16, num_warps=4),
 ]
 # the brief's targets, microseconds per call
 TARGETS = {"window": 5.0, "ratio4": 8.0, "ratio128@4096": 6.0, "ratio128@1048576": 40.0}

@@ -2,11 +2,10 @@
 
 Owns: `attend_decode` (two launches: a split kernel, then a combine kernel), its tiling
 heuristic `attend_config`, and `attend_decode_ref`, the torch reference with the same signature
-(decode.py's row groups and masks, then `model.attend`). The split kernel gives each program
-BH heads and either one window block of R ring slots or NB blocks of R compressed rows; each
-block is loaded once at full width and folded in with an online softmax, and the program writes
-its max, sum and unnormalised output; the combine kernel merges the live slots and the sink in
-a fixed order, so results are bit-identical run to run. Does not own the row stores (kv/state.py).
+(decode.py's row groups and masks, then `model.attend`). The split kernel gives each program one
+block of R rows (window slots or compressed rows) x BH heads: logits, block max, block sum and the
+unnormalised block output; the combine kernel merges the live blocks and the sink in a fixed
+order, so results are bit-identical run to run. Does not own the row stores (kv/state.py).
 """
 
 from __future__ import annotations
@@ -36,6 +35,29 @@ def _tf32(x):
     return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
+# Products go to two accumulators, hi*hi and the corrections: independent chains of mma
+# instructions, so one chain's latency does not serialise the other.
+
+
+@triton.jit
+def _dot_exact(q, k, hi, lo):
+    """(hi, lo) += q @ k.T for a TF32-exact k (q split in two)."""
+    qh = _tf32(q)
+    kt = tl.trans(k)
+    hi = tl.dot(qh, kt, hi, input_precision="tf32")
+    return hi, tl.dot(_tf32(q - qh), kt, lo, input_precision="tf32")
+
+
+@triton.jit
+def _dot_f32(q, k, hi, lo):
+    """(hi, lo) += q @ k.T for float32 q and k (both split; the lo*lo term is below float32)."""
+    qh, kh = _tf32(q), _tf32(k)
+    kht = tl.trans(kh)
+    hi = tl.dot(qh, kht, hi, input_precision="tf32")
+    lo = tl.dot(_tf32(q - qh), kht, lo, input_precision="tf32")
+    return hi, tl.dot(qh, tl.trans(_tf32(k - kh)), lo, input_precision="tf32")
+
+
 @triton.jit
 def _e4m3(b, e):
     """E4M3 bytes b [R, 64] times 2**e [R, 1], exactly. The byte's magnitude bits placed in an
@@ -45,110 +67,163 @@ def _e4m3(b, e):
     return h.to(tl.float32) * ((e.to(tl.int32) + 135) << 23).to(tl.float32, bitcast=True)
 
 
-# ---- Split kernel: blocks of rows x one block of heads ----
-# Each row block is loaded once, at full width ([R, d] in one go, so one memory latency per
-# block rather than one per 64-dim chunk), decoded exactly, and used for both the logits and the
-# output product straight from registers.
+# ---- Split kernel: one block of rows x one block of heads ----
 
 
 @triton.jit
-def _rows_f32(ROWS, rid, cols, D: tl.constexpr):
-    return tl.load(ROWS + rid[:, None] * D + cols[None, :], mask=(cols < D)[None, :], other=0.0)
+def _q_chunk(Q, hh, H, c, D: tl.constexpr):
+    t = tl.arange(0, 64)
+    return tl.load(Q + hh[:, None] * D + c + t[None, :], mask=(hh < H)[:, None], other=0.0)
 
 
 @triton.jit
-def _rows_fp8(CODES, EXPS, ROPE, rid, cols, NOPE: tl.constexpr, NROT: tl.constexpr):
-    """FP8Rows at ids rid as exact float32 [R, DP]: E4M3 dims with their exponents, then the
-    F16 RoPE dims, zero past d."""
-    nope = (cols < NOPE)[None, :]
-    rot = ((cols >= NOPE) & (cols < NOPE + NROT))[None, :]
-    b = tl.load(CODES + rid[:, None] * NOPE + cols[None, :], mask=nope, other=0)
-    e = tl.load(EXPS + rid[:, None] * (NOPE // 64) + (cols // 64)[None, :], mask=nope, other=0)
-    r = tl.load(ROPE + rid[:, None] * NROT + (cols - NOPE)[None, :], mask=rot, other=0.0)
-    return tl.where(nope, _e4m3(b, e), r.to(tl.float32))
+def _logits_f32(Q, hh, H, ROWS, rid, D: tl.constexpr, BH: tl.constexpr, R: tl.constexpr):
+    """q . row for float32 rows [*, D] at ids rid, 64 dims at a time; the next chunk's loads
+    are issued before this chunk's products so their latency overlaps them."""
+    t = tl.arange(0, 64)
+    rp = ROWS + rid[:, None] * D + t[None, :]
+    q_nx = _q_chunk(Q, hh, H, 0, D)
+    k_nx = tl.load(rp)
+    hi = tl.zeros([BH, R], tl.float32)
+    lo = tl.zeros([BH, R], tl.float32)
+    for c in range(0, D, 64):
+        q, k = q_nx, k_nx
+        cn = tl.minimum(c + 64, D - 64)
+        q_nx = _q_chunk(Q, hh, H, cn, D)
+        k_nx = tl.load(rp + cn)
+        hi, lo = _dot_f32(q, k, hi, lo)
+    return hi + lo
 
 
 @triton.jit
-def _block(qh, ql, v, valid, scale, m, l, o, EXACT: tl.constexpr):
-    """One row block v [R, DP] folded into the running (max m, sum l, output o) of BH heads
-    (online softmax). EXACT: v is TF32-exact (decoded FP8 rows), so only q and p are split."""
-    vh = _tf32(v)
-    vt = tl.trans(vh)
-    s = tl.dot(qh, vt, input_precision="tf32")
-    s2 = tl.dot(ql, vt, input_precision="tf32")
-    if not EXACT:
-        vl = _tf32(v - vh)
-        s2 = tl.dot(qh, tl.trans(vl), s2, input_precision="tf32")
-    s = tl.where(valid[None, :], (s + s2) * scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid row yet: p = 0
-    alpha = tl.exp(m - m_ref)
-    p = tl.exp(s - m_ref[:, None])
+def _logits_fp8(Q, hh, H, CODES, EXPS, ROPE, rid, D: tl.constexpr, NOPE: tl.constexpr,
+                NROT: tl.constexpr, BH: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """q . row for FP8Rows: RoPE dims (F16) first, then the E4M3 dims with their exponents."""
+    t = tl.arange(0, 64)
+    bp = CODES + rid[:, None] * NOPE + t[None, :]
+    ep = EXPS + rid * (NOPE // 64)
+    q_nx = _q_chunk(Q, hh, H, 0, D)
+    b_nx = tl.load(bp)
+    e_nx = tl.load(ep)
+    hi = tl.zeros([BH, R], tl.float32)
+    lo = tl.zeros([BH, R], tl.float32)
+    for c in range(0, NROT, 64):
+        k = tl.load(ROPE + rid[:, None] * NROT + c + t[None, :]).to(tl.float32)
+        hi, lo = _dot_exact(_q_chunk(Q, hh, H, NOPE + c, D), k, hi, lo)
+    for c in range(0, NOPE, 64):
+        q, b, e = q_nx, b_nx, e_nx
+        cn = tl.minimum(c + 64, NOPE - 64)
+        q_nx = _q_chunk(Q, hh, H, cn, D)
+        b_nx = tl.load(bp + cn)
+        e_nx = tl.load(ep + cn // 64)
+        hi, lo = _dot_exact(q, _e4m3(b, e[:, None]), hi, lo)
+    return hi + lo
+
+
+@triton.jit
+def _block_softmax(s, valid, scale, PM, PL, b, hh, H):
+    """Masked, scaled logits -> exp(s - block max); stores the block max and sum per head."""
+    s = tl.where(valid[None, :], s * scale, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # no valid row: p = 0
+    tl.store(PM + b * H + hh, m, mask=hh < H)
+    tl.store(PL + b * H + hh, tl.sum(p, 1), mask=hh < H)
+    return p
+
+
+@triton.jit
+def _out_f32(p, hh, H, ROWS, rid, OUT, D: tl.constexpr):
+    """OUT[h, :] = p @ rows for float32 rows, 64 dims at a time (p and rows both split).
+    Unrolled: the split p is then converted to the mma operand layout once, not per chunk."""
+    t = tl.arange(0, 64)
     ph = _tf32(p)
     pl = _tf32(p - ph)
-    pv = tl.dot(ph, vh, input_precision="tf32")
-    pv2 = tl.dot(pl, vh, input_precision="tf32")
-    if not EXACT:
-        pv2 = tl.dot(ph, vl, pv2, input_precision="tf32")
-    return m_new, l * alpha + tl.sum(p, 1), o * alpha[:, None] + (pv + pv2)
+    rp = ROWS + rid[:, None] * D + t[None, :]
+    op = OUT + hh[:, None] * D + t[None, :]
+    v_nx = tl.load(rp)
+    for c in tl.static_range(0, D, 64):
+        v = v_nx
+        if c + 64 < D:
+            v_nx = tl.load(rp + c + 64)
+        vh = _tf32(v)
+        o = tl.dot(ph, vh, input_precision="tf32")
+        o = tl.dot(pl, vh, o, input_precision="tf32")
+        o = tl.dot(ph, _tf32(v - vh), o, input_precision="tf32")
+        tl.store(op + c, o, mask=(hh < H)[:, None])
+
+
+@triton.jit
+def _out_fp8(p, hh, H, CODES, EXPS, ROPE, rid, OUT, D: tl.constexpr, NOPE: tl.constexpr,
+             NROT: tl.constexpr):  # fmt: skip
+    """OUT[h, :] = p @ rows for FP8Rows (rows are TF32-exact: p split in two); RoPE dims
+    first, as in _logits_fp8."""
+    t = tl.arange(0, 64)
+    ph = _tf32(p)
+    pl = _tf32(p - ph)
+    bp = CODES + rid[:, None] * NOPE + t[None, :]
+    ep = EXPS + rid * (NOPE // 64)
+    rp = ROPE + rid[:, None] * NROT + t[None, :]
+    op = OUT + hh[:, None] * D + t[None, :]
+    b_nx = tl.load(bp)
+    e_nx = tl.load(ep)
+    for c in tl.static_range(0, NROT, 64):
+        v = tl.load(rp + c).to(tl.float32)
+        o = tl.dot(ph, v, input_precision="tf32")
+        o = tl.dot(pl, v, o, input_precision="tf32")
+        tl.store(op + NOPE + c, o, mask=(hh < H)[:, None])
+    for c in tl.static_range(0, NOPE, 64):
+        b, e = b_nx, e_nx
+        if c + 64 < NOPE:
+            b_nx = tl.load(bp + c + 64)
+            e_nx = tl.load(ep + (c + 64) // 64)
+        v = _e4m3(b, e[:, None])
+        o = tl.dot(ph, v, input_precision="tf32")
+        o = tl.dot(pl, v, o, input_precision="tf32")
+        tl.store(op + c, o, mask=(hh < H)[:, None])
 
 
 @triton.jit
 def _split_kernel(
-    Q, RAW, POS, C0, C1, C2, IDX, PO, PM, PL, H, W, CAP, K, ratio, scale, NWB, NB,
-    D: tl.constexpr, DP: tl.constexpr, NOPE: tl.constexpr, NROT: tl.constexpr,
-    STORE: tl.constexpr, HAS_IDX: tl.constexpr, BH: tl.constexpr, R: tl.constexpr,
+    Q, RAW, POS, C0, C1, C2, IDX, PO, PM, PL, H, W, CAP, K, ratio, scale, NWB,
+    D: tl.constexpr, NOPE: tl.constexpr, NROT: tl.constexpr, STORE: tl.constexpr,
+    HAS_IDX: tl.constexpr, BH: tl.constexpr, R: tl.constexpr,
 ):  # fmt: skip
-    """Program (b, hb), heads hb*BH..: slot b < NWB is window block b (R ring slots); slot
-    NWB + c covers compressed blocks c*NB .. c*NB+NB-1 (R rows each). Writes the slot's max, sum
-    and unnormalised output; slots without a live row write nothing (the combine skips them)."""
+    """Program (b, hb): row block b (window blocks first, then compressed blocks) for heads
+    hb*BH.. Blocks without a live row write nothing; the combine kernel skips them."""
     b = tl.program_id(0)
     hh = tl.program_id(1) * BH + tl.arange(0, BH)
     pos = tl.load(POS).to(tl.int32)
     r = tl.arange(0, R)
-    cols = tl.arange(0, DP)
-    hmask = hh < H
-    qmask = hmask[:, None] & (cols < D)[None, :]
-    m = tl.full([BH], float("-inf"), tl.float32)
-    l = tl.zeros([BH], tl.float32)
-    o = tl.zeros([BH, DP], tl.float32)
-    live = False
+    out = PO + b * H * D
     if b < NWB:
         j = b * R + r  # ring slot j holds position pos - (pos - j) % W: valid iff j <= pos
         if b * R <= pos:
-            live = True
-            q = tl.load(Q + hh[:, None] * D + cols[None, :], mask=qmask, other=0.0)
-            qh = _tf32(q)
-            v = _rows_f32(RAW, tl.minimum(j, W - 1), cols, D)
-            m, l, o = _block(qh, _tf32(q - qh), v, (j <= pos) & (j < W), scale, m, l, o, False)
+            rid = tl.minimum(j, W - 1)
+            s = _logits_f32(Q, hh, H, RAW, rid, D, BH, R)
+            p = _block_softmax(s, (j <= pos) & (j < W), scale, PM, PL, b, hh, H)
+            _out_f32(p, hh, H, RAW, rid, out, D)
     elif STORE > 0:
+        i = (b - NWB) * R + r
         n = tl.minimum((pos + 1) // ratio, CAP)  # visible compressed rows
-        count = K if HAS_IDX else n
-        i0 = (b - NWB) * NB * R
-        if i0 < count:
-            live = True
-            q = tl.load(Q + hh[:, None] * D + cols[None, :], mask=qmask, other=0.0)
-            qh = _tf32(q)
-            ql = _tf32(q - qh)
-            for t in range(0, tl.minimum(NB, tl.cdiv(count - i0, R))):
-                i = i0 + t * R + r
-                if HAS_IDX:
-                    ids = tl.load(IDX + i, mask=i < K, other=0).to(tl.int32)
-                    valid = (i < K) & (ids >= 0) & (ids < n)
-                else:
-                    ids = i
-                    valid = i < n
-                rid = tl.minimum(tl.maximum(ids, 0), CAP - 1)  # every load in bounds
-                if STORE == 1:
-                    v = _rows_f32(C0, rid, cols, D)
-                    m, l, o = _block(qh, ql, v, valid, scale, m, l, o, False)
-                else:
-                    v = _rows_fp8(C0, C1, C2, rid, cols, NOPE, NROT)
-                    m, l, o = _block(qh, ql, v, valid, scale, m, l, o, True)
-    if live:
-        tl.store(PM + b * H + hh, m, mask=hmask)
-        tl.store(PL + b * H + hh, l, mask=hmask)
-        tl.store(PO + (b * H + hh[:, None]) * D + cols[None, :], o, mask=qmask)
+        if HAS_IDX:
+            ids = tl.load(IDX + i, mask=i < K, other=0).to(tl.int32)
+            valid = (i < K) & (ids >= 0) & (ids < n)
+            live = (b - NWB) * R < K
+        else:
+            ids = i
+            valid = i < n
+            live = (b - NWB) * R < n
+        rid = tl.minimum(tl.maximum(ids, 0), CAP - 1)  # every load in bounds; masks decide
+        if live:
+            if STORE == 1:
+                s = _logits_f32(Q, hh, H, C0, rid, D, BH, R)
+            else:
+                s = _logits_fp8(Q, hh, H, C0, C1, C2, rid, D, NOPE, NROT, BH, R)
+            p = _block_softmax(s, valid, scale, PM, PL, b, hh, H)
+            if STORE == 1:
+                _out_f32(p, hh, H, C0, rid, out, D)
+            else:
+                _out_fp8(p, hh, H, C0, C1, C2, rid, out, D, NOPE, NROT)
 
 
 # ---- Combine kernel: live blocks + sink, in block order ----
@@ -156,13 +231,12 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PO, PM, PL, SINKS, POS, OUT, H, CAP, K, ratio, NWB, RC,
+    PO, PM, PL, SINKS, POS, OUT, H, CAP, K, ratio, NWB,
     D: tl.constexpr, R: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_IDX: tl.constexpr,
     SB: tl.constexpr, DC: tl.constexpr,
 ):  # fmt: skip
-    """Program (h, c): head h, dims c*DC.. . Recomputes which slots the split kernel wrote
-    (the same rules; live window slots of R rows, then live compressed slots of RC rows) and
-    merges them:
+    """Program (h, c): head h, dims c*DC.. . Recomputes which blocks the split kernel wrote
+    (the same rules; live window blocks, then live compressed blocks) and merges them:
     o = sum_b e^(m_b - M) o_b / (e^(sink - M) + sum_b e^(m_b - M) l_b)."""
     h = tl.program_id(0)
     cols = tl.program_id(1) * DC + tl.arange(0, DC)
@@ -171,9 +245,9 @@ def _combine_kernel(
     n_comp = 0
     if HAS_ROWS:
         if HAS_IDX:
-            n_comp = tl.cdiv(K, RC)
+            n_comp = tl.cdiv(K, R)
         else:
-            n_comp = tl.cdiv(tl.minimum((pos + 1) // ratio, CAP), RC)
+            n_comp = tl.cdiv(tl.minimum((pos + 1) // ratio, CAP), R)
     total = n_win + n_comp
     sink = tl.load(SINKS + h)
     mx = sink
@@ -197,11 +271,10 @@ def _combine_kernel(
 
 # ---- Launcher ----
 
-# (BH heads, R rows, warps) per program; a program folds NB row blocks of a long row set, so that
-# about PER_SM programs per SM run and few partial outputs are written. Picked by the H200 sweep
-# in scripts/check_attend.py.
-TILE = (16, 16, 4)
-PER_SM = 2
+# (BH heads, R rows, warps) per program, largest first: the heuristic takes the largest that
+# still gives every SM a program (64 heads x 64 rows decodes each row once and writes the fewest
+# partial outputs; small tiles shorten each program for short contexts)
+TILES = ((64, 64, 8), (64, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4))
 
 
 @functools.cache
@@ -211,12 +284,14 @@ def _sm_count(index: int) -> int:
 
 def attend_config(n_rows: int, window: int, n_head: int, device: torch.device) -> dict:
     """Tile for `n_rows` compressed rows read (capacity or len(idx)) plus the window ring."""
-    bh, r, nw = TILE
     if device.type != "cuda" or interpreting():
-        return dict(BH=bh, R=r, NB=1, num_warps=nw)
+        return dict(BH=16, R=16, num_warps=4)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    programs = triton.cdiv(n_rows, r) * triton.cdiv(n_head, bh)
-    return dict(BH=bh, R=r, NB=max(1, programs // (PER_SM * sms)), num_warps=nw)
+    for bh, r, nw in TILES:
+        programs = (triton.cdiv(window, r) + triton.cdiv(n_rows, r)) * triton.cdiv(n_head, bh)
+        if programs >= 0.9 * sms:
+            return dict(BH=bh, R=r, num_warps=nw)
+    return dict(BH=bh, R=r, num_warps=nw)  # the smallest tile
 
 
 def _store_parts(rows, d: int) -> tuple[int, list[Tensor], int]:
@@ -277,26 +352,26 @@ def attend_decode(
     if max(cap, W) * d >= 2**31:
         raise ValueError(f"{max(cap, W)} rows of {d} overflow the kernel's int32 offsets")
     cfg = config or attend_config(K, W, H, q.device)
-    BH, R, NB = cfg["BH"], cfg["R"], cfg.get("NB", 1)
-    nwb, ncs = triton.cdiv(W, R), triton.cdiv(K, R * NB)
+    BH, R = cfg["BH"], cfg["R"]
+    nwb, ncb = triton.cdiv(W, R), triton.cdiv(K, R)
     q, raw, sinks = q.contiguous(), raw.contiguous(), sinks.float().contiguous()
     parts = [p.contiguous() for p in parts] + [raw] * (3 - len(parts))
-    po = torch.empty(nwb + ncs, H, d, device=q.device, dtype=torch.float32)
-    pm = torch.empty(nwb + ncs, H, device=q.device, dtype=torch.float32)
+    po = torch.empty(nwb + ncb, H, d, device=q.device, dtype=torch.float32)
+    pm = torch.empty(nwb + ncb, H, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     has_idx = kind > 0 and idx is not None
-    _split_kernel[(nwb + ncs, triton.cdiv(H, BH))](
+    _split_kernel[(nwb + ncb, triton.cdiv(H, BH))](
         q, raw, pos, *parts, idx if has_idx else pos, po, pm, pl,
-        H, W, max(cap, 1), K, max(ratio, 1), 1 / math.sqrt(d), nwb, NB,
-        D=d, DP=triton.next_power_of_2(d), NOPE=nope, NROT=d - nope, STORE=kind,
-        HAS_IDX=has_idx, BH=BH, R=R, num_warps=cfg["num_warps"], num_stages=1,
+        H, W, max(cap, 1), K, max(ratio, 1), 1 / math.sqrt(d), nwb,
+        D=d, NOPE=nope, NROT=d - nope, STORE=kind, HAS_IDX=has_idx, BH=BH, R=R,
+        num_warps=cfg["num_warps"], num_stages=1,
     )  # fmt: skip
     out = torch.empty(H, d, device=q.device, dtype=torch.float32)
     dc = 128 if d % 128 == 0 else 64
     _combine_kernel[(H, d // dc)](
-        po, pm, pl, sinks, pos, out, H, max(cap, 1), K, max(ratio, 1), nwb, R * NB,
+        po, pm, pl, sinks, pos, out, H, max(cap, 1), K, max(ratio, 1), nwb,
         D=d, R=R, HAS_ROWS=kind > 0, HAS_IDX=has_idx,
-        SB=min(32, triton.next_power_of_2(nwb + ncs)), DC=dc, num_warps=4,
+        SB=min(32, triton.next_power_of_2(nwb + ncb)), DC=dc, num_warps=4,
     )  # fmt: skip
     return out
 
