@@ -272,9 +272,10 @@ def _combine_kernel(
 # ---- Launcher ----
 
 # (BH heads, R rows, warps) per program, largest first: the heuristic takes the largest that
-# still gives every SM a program (64 heads x 64 rows decodes each row once and writes the fewest
-# partial outputs; small tiles shorten each program for short contexts)
-TILES = ((64, 64, 8), (64, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4))
+# still gives half the SMs a program. H200 sweep (scripts/check_attend.py): a 64x64 program
+# takes ~45 us, a 16x16 one ~8 us, so big tiles only pay when every SM has one (ratio-128 at
+# 1M); 16x32 wins for ratio-4 layers (15.4 vs 18.9 us) and ratio-128 at 128K; 32x32 never won.
+TILES = ((64, 64, 8), (64, 32, 8), (16, 32, 4), (16, 16, 4))
 
 
 @functools.cache
@@ -289,7 +290,7 @@ def attend_config(n_rows: int, window: int, n_head: int, device: torch.device) -
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     for bh, r, nw in TILES:
         programs = (triton.cdiv(window, r) + triton.cdiv(n_rows, r)) * triton.cdiv(n_head, bh)
-        if programs >= 0.9 * sms:
+        if programs >= 0.5 * sms:
             return dict(BH=bh, R=r, num_warps=nw)
     return dict(BH=bh, R=r, num_warps=nw)  # the smallest tile
 
