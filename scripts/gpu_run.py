@@ -223,7 +223,7 @@ def prof(sess):
         for _ in range(3):
             logits = sess.eval(int(logits.argmax()))
         sync()
-    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=200)
     (OUT / "decode_profile.txt").write_text(table)
     n_kernels = sum(e.count for e in p.key_averages() if e.device_type.name == "CUDA")
     RESULTS.setdefault("full", {})["kernels_per_token"] = n_kernels / 3
