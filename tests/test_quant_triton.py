@@ -27,8 +27,8 @@ from ds4py.quant.triton import tiles  # noqa: E402
 from ds4py.quant.triton.act import quantize_act, quantize_act_ref  # noqa: E402
 from ds4py.quant.triton.backend import TritonOps  # noqa: E402
 from ds4py.quant.triton.gemm import gemm, gemm_ref  # noqa: E402
-from ds4py.quant.triton.gemv import gemv, gemv_ref  # noqa: E402
-from ds4py.quant.triton.moe import moe_decode, moe_prefill, moe_ref  # noqa: E402
+from ds4py.quant.triton.gemv import act_operands, gemv, gemv_ref  # noqa: E402
+from ds4py.quant.triton.moe import gate_up_launch, moe_decode, moe_prefill, moe_ref  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 GRID = tiles.tables(DEV)
@@ -121,6 +121,20 @@ def test_moe_decode(gate_t, down_t, n_tok):
     want = moe_ref(x, ids, wts, gate, up, down, 1.0)
     assert _rel(got, want) < (3e-2 if gate_t in tiles.INT8_PATH else 1e-5)
     assert torch.equal(moe_decode(x, ids, wts, gate, up, down, 1.0, GRID), got)
+
+
+@pytest.mark.parametrize("dim", [512, 1024])  # rows 4- and 8-byte aligned (word / pair loads)
+def test_moe_gate_up_iq2_kernel_matches_generic(dim):
+    # the IQ2_XXS gate/up kernel (prmt selectors, whole rows) against the generic one, which
+    # test_moe_decode checks against the reference; same int8 activations, float32 sums
+    gate, up = (tiles.prepared(_weight(GQ.IQ2_XXS, (3, 8, dim), s)) for s in (1, 2))
+    x = _randn(1, dim, seed=3)
+    ids, wts = _routing(1, 3, 2, seed=4)
+    ids32, xo = ids.to(torch.int32), act_operands(x, True)
+    got, want = (torch.empty(2, 8, device=DEV) for _ in range(2))
+    gate_up_launch(x, xo, ids32, wts, gate, up, GRID, got, 1.0, dict(R=4, num_warps=1))
+    gate_up_launch(x, xo, ids32, wts, gate, up, GRID, want, 1.0, dict(BN=8, BK=256, num_warps=2))
+    assert _rel(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("gate_t,down_t", EXPERTS)

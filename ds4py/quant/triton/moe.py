@@ -24,7 +24,9 @@ from ds4py.quant.triton.tiles import (
     INT8_PATH,
     dequant_tile,
     dequantize,
+    f16_at,
     interpreting,
+    iq2_octet_dot,
     kernel_ok,
     prepared,
 )
@@ -59,6 +61,53 @@ def _moe_gate_up_kernel(
     g, u = tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + rows, hv, mask=rows < F)
+
+
+@triton.jit
+def _iq2_row(w, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
+             W64: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """Dot of one IQ2_XXS row (split layout) with the token's int8 activations; each thread
+    takes whole 32-weight groups, so shifts are constants and the int sums chain in dp4a."""
+    if W64:  # rows 8-byte aligned: words A and B in one load
+        ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
+        a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
+    else:
+        wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
+        a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
+    s = iq2_octet_dot(a, bu, 0, x0, x1, tl.zeros_like(a), tabs, EMULATE)
+    s = iq2_octet_dot(a, bu, 1, x2, x3, s, tabs, EMULATE)
+    s = iq2_octet_dot(a, bu, 2, x4, x5, s, tabs, EMULATE)
+    s = iq2_octet_dot(a, bu, 3, x6, x7, s, tabs, EMULATE)
+    s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
+    d = f16_at(w + row_off + D // 4 + 2 * (gg // 8))
+    return tl.sum(s.to(tl.float32) * d * xsv, axis=0) * 0.125
+
+
+@triton.jit
+def _moe_gate_up_iq2_kernel(
+    xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
+    KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    W64: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    slot = tl.program_id(0)
+    r0 = tl.program_id(1) * R
+    e = tl.load(ids + slot).to(tl.int64)
+    t = (slot // KTOP).to(tl.int64)
+    gg = tl.arange(0, G)
+    xw = xq + t * (D // 4) + 8 * gg
+    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
+    x4, x5, x6, x7 = tl.load(xw + 4), tl.load(xw + 5), tl.load(xw + 6), tl.load(xw + 7)
+    xsv = tl.load(xs + t * (D // 32) + gg)
+    rr = tl.arange(0, R)
+    out = tl.zeros([R], dtype=tl.float32)
+    for r in tl.static_range(R):
+        row_off = (e * F + r0 + r) * RB
+        g = _iq2_row(gate, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                     EMULATE)  # fmt: skip
+        u = _iq2_row(up, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                     EMULATE)  # fmt: skip
+        out = tl.where(rr == r, _clamped_swiglu(g, u, clamp), out)
+    tl.store(h + slot.to(tl.int64) * F + r0 + rr, out * tl.load(wts + slot))
 
 
 @triton.jit
@@ -110,34 +159,69 @@ def moe_decode(
     n_tok, k = ids.shape
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
-    cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH)
+    cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH,
+                                   qtype=gate.qtype)  # fmt: skip
     gu, dn = cfg["gate_up"], cfg["down"]
-    for qt, c, cols in ((gate.qtype, gu, dim), (down.qtype, dn, n_ff)):
-        if cols % c["BK"] or (qt in INT8_PATH and c["BK"] % 256):
-            raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
-    if n_ff % gu["BN"] or dim % dn["BN"]:
+    if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(down.qtype, dn, dim, n_ff):
         raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
-    emulate = interpreting()
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
     xo = act_operands(x, gate.qtype in INT8_PATH)
-    _moe_gate_up_kernel[(n_tok * k, n_ff // gu["BN"])](
-        x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
-        float(clamp), KTOP=k, FMT=int(gate.qtype), AG=acc_groups(gate.qtype, gu["BK"]),
-        EMULATE=emulate, **gu,
-    )  # fmt: skip
+    gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu)
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
-    ho = act_operands(h, down.qtype in INT8_PATH)
-    _moe_down_kernel[(n_tok, dim // dn["BN"])](
-        h, *ho, ids32, down.data, tabs, out, dim, n_ff, down.data.shape[-1],
-        KTOP=k, FMT=int(down.qtype), AG=acc_groups(down.qtype, dn["BK"]), EMULATE=emulate, **dn,
-    )  # fmt: skip
+    down_launch(h, act_operands(h, down.qtype in INT8_PATH), ids32, down, tabs, out, dn)
     return out
 
 
+def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
+    """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it)."""
+    k, (_, n_ff, dim) = ids32.shape[1], gate.shape
+    slots, emulate = ids32.numel(), interpreting()
+    if "R" in gu:
+        _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
+            xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
+            gate.data.shape[-1], float(clamp), KTOP=k, G=dim // 32,
+            W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate, **gu,
+        )  # fmt: skip
+    else:
+        _moe_gate_up_kernel[(slots, n_ff // gu["BN"])](
+            x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
+            float(clamp), KTOP=k, FMT=int(gate.qtype), AG=acc_groups(gate.qtype, gu["BK"]),
+            EMULATE=emulate, **gu,
+        )  # fmt: skip
+
+
+def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
+    """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho."""
+    (n_tok, k), (_, dim, n_ff) = ids32.shape, down.shape
+    _moe_down_kernel[(n_tok, dim // dn["BN"])](
+        h, *ho, ids32, down.data, tabs, out, dim, n_ff, down.data.shape[-1], KTOP=k,
+        FMT=int(down.qtype), AG=acc_groups(down.qtype, dn["BK"]), EMULATE=interpreting(), **dn,
+    )  # fmt: skip
+
+
+def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int) -> bool:
+    if "R" in c:  # the IQ2_XXS gate/up kernel: whole rows, one 32-weight group per lane
+        g = cols // 32
+        return qtype == GQ.IQ2_XXS and cols % 256 == 0 and g & (g - 1) == 0 and rows % c["R"] == 0
+    int8_ok = qtype not in INT8_PATH or c["BK"] % 256 == 0
+    return cols % c["BK"] == 0 and int8_ok and rows % c["BN"] == 0
+
+
 def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None = None,
-                      num_warps: int | None = None, int8: bool = True) -> dict:  # fmt: skip
-    """gemv's heuristic with the slot/token grid dimension counted."""
+                      num_warps: int | None = None, int8: bool = True,
+                      qtype: GQ | None = None) -> dict:  # fmt: skip
+    """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up experts of
+    a power-of-two width get their own kernel (R rows per program)."""
     gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
+    iq2 = dict(R=4, num_warps=1)  # H200 sweep: scripts/bench_moe_decode.py
+    # not in the interpreter: its cost grows with the unrolled rows (tests launch it directly)
+    if (
+        qtype == GQ.IQ2_XXS
+        and tile is None
+        and not interpreting()
+        and _tiles_fit(qtype, iq2, n_ff, dim)
+    ):
+        gate_up = iq2
     down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
     return dict(gate_up=gate_up, down=down)
 

@@ -27,13 +27,23 @@ def interpreting() -> bool:
 
 
 def tables(device: torch.device | str) -> torch.Tensor:
-    """int16 [256]: the IQ2_XXS grid as 2-bit codes (0, 1, 2 for magnitudes 8, 25, 43; code k
-    at bits 2k..2k+1). 512 bytes, so a warp's random lookups touch at most 4 cache lines."""
-    codes = []
+    """int16 [1024]: IQ2_XXS tables. [0, 256): the grid as 2-bit codes (0, 1, 2 for magnitudes
+    8, 25, 43; code k at bits 2k..2k+1), 512 bytes, so a warp's random lookups touch at most 4
+    cache lines. Then, as int32 words (`tab32`): [0, 256) the grid as 4-bit codes (code k at
+    bits 4k..4k+1, a `prmt` selector), [256, 384) per 7 sign bits the 8 signs (the eighth makes
+    the count even) at bits 4k+2 of the selector."""
+    codes, nib = [], []
     for entry in IQ2XXS_GRID:
-        mags = [(entry >> (8 * k)) & 0xFF for k in range(8)]
-        codes.append(sum({8: 0, 25: 1, 43: 2}[m] << (2 * k) for k, m in enumerate(mags)))
-    return torch.tensor(codes, dtype=torch.int32).to(torch.int16).to(device)
+        c = [{8: 0, 25: 1, 43: 2}[(entry >> (8 * k)) & 0xFF] for k in range(8)]
+        codes.append(sum(m << (2 * k) for k, m in enumerate(c)))
+        nib.append(sum(m << (4 * k) for k, m in enumerate(c)))
+    signs = []
+    for f in range(128):
+        s8 = f | ((bin(f).count("1") & 1) << 7)
+        signs.append(sum(((s8 >> k) & 1) << (4 * k + 2) for k in range(8)))
+    words = torch.tensor(nib + signs, dtype=torch.int64).to(torch.int32)
+    head = torch.tensor(codes, dtype=torch.int32).to(torch.int16)
+    return torch.cat([head, words.view(torch.int16)]).to(device)
 
 
 def kernel_ok(w: QTensor) -> bool:
@@ -86,6 +96,49 @@ def _sign_bytes(nib):
     """Four sign bits -> (bytes 0x00 / 0x01, bytes 0x00 / 0xFF)."""
     ones = (nib * 0x00204081) & 0x01010101  # bit k -> bit 8k (the shifted copies never overlap)
     return ones, ones * 255
+
+
+@triton.jit
+def dp4a_add(a, b, c, EMULATE: tl.constexpr):
+    """c + the four signed-byte products of int32 words a and b."""
+    if EMULATE:
+        s = c + dp4a(a, b, EMULATE)
+    else:
+        s = tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+    return s
+
+
+@triton.jit
+def _signed_mags(sel, EMULATE: tl.constexpr):
+    """Four signed weight bytes from selector nibbles (code | sign << 2), code 0/1/2 for
+    magnitudes 8/25/43: one byte permute of the constant pair (8, 25, 43 | -8, -25, -43)."""
+    if EMULATE:
+        out = tl.zeros(sel.shape, dtype=tl.int32)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 7
+            mag = tl.where((nib & 3) == 0, 8, tl.where((nib & 3) == 1, 25, 43))
+            out |= (tl.where(nib >= 4, 256 - mag, mag) & 255) << (8 * k)
+    else:
+        out = tl.inline_asm_elementwise(
+            "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def iq2_octet_dot(a, bu, SUB: tl.constexpr, xlo, xhi, acc, tabs, EMULATE: tl.constexpr):
+    """acc + dot of IQ2_XXS octet SUB (0..3) of groups with words A, B (bu: uint32) with the
+    int8 activation words xlo, xhi: two table words OR into one `prmt` selector (code | sign
+    << 2 per weight), which picks the signed magnitude bytes; no per-bit sign arithmetic."""
+    tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
+    sel = tl.load(tab32 + ((a >> (8 * SUB)) & 255))
+    sel |= tl.load(tab32 + 256 + ((bu >> (7 * SUB)) & 127).to(tl.int32))
+    acc = dp4a_add(_signed_mags(sel, EMULATE), xlo, acc, EMULATE)
+    return dp4a_add(_signed_mags(sel >> 16, EMULATE), xhi, acc, EMULATE)
 
 
 @triton.jit
