@@ -210,9 +210,9 @@ class Decoder:
         self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()
-        elif self.use_graph and self.steps >= 1 and self.capture():
+        elif self.use_graph and self.steps >= 2 and self.capture():
             self.graph.replay()
-        else:  # eager: on the CPU, and the first CUDA step (it warms the kernels up)
+        else:  # eager: on the CPU, and the first two CUDA steps (compiles, kernel warm-up)
             self.logits = self._step()
         self.steps += 1
         self._advance(pos + 1)
@@ -228,11 +228,14 @@ class Decoder:
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g):
+            # thread_local: the compiler's worker threads may touch CUDA meanwhile
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
                 self.logits = self._step()
         except RuntimeError as e:
             warnings.warn(
-                f"decode step not captured in a CUDA graph, running eagerly: {e}", stacklevel=2
+                f"decode step ({self.model.ops.name} ops) not captured in a CUDA graph, running "
+                f"eagerly: {e}",
+                stacklevel=2,
             )
             self.use_graph = False
             return False
