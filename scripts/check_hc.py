@@ -15,7 +15,6 @@ Asserts after writing the JSON. Needs only torch, triton and gguf.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 import types
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
+from graph_timing import graph_us  # scripts/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 if "ds4py" not in sys.modules:  # ds4py.quant without ds4py/__init__ (its imports need more)
@@ -98,32 +98,6 @@ def check(T: int, seed: int, iters: int, cfg: dict | None = None, one: bool = Fa
 
 
 # ---- Timing ----------------------------------------------------------------------------------
-
-
-def graph_us(calls: list[Callable[[], object]], replays: int = 9) -> float:
-    """Median microseconds per call of the calls captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls[:3]:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return statistics.median(times)
 
 
 def dense_ref(X, w16, scale, base):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import types
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from graph_timing import graph_us  # scripts/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,31 +83,6 @@ def copies_of(rows, store, cap: int) -> list:
 
 
 # ---- Timing ----------------------------------------------------------------------------------
-
-
-def time_graph(calls: list[Callable[[], object]], replays: int = 10) -> float:
-    """Median microseconds per call: all calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls[:3]:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def torch_path(qi, w, parts, pos, proto):
@@ -194,13 +168,13 @@ def run_case(store, ctx: int, cfg: ix.TopkConfig, reference: bool) -> dict:
     calls = 100
     pick = [rows_all[i % len(rows_all)] for i in range(calls)]
     res["copies"] = len(rows_all)
-    res["kernel_us"] = time_graph([call(r) for r in pick])
-    res["score_us"] = time_graph([score(r) for r in pick])
+    res["kernel_us"] = graph_us([call(r) for r in pick])
+    res["score_us"] = graph_us([score(r) for r in pick])
     res["select_us"] = res["kernel_us"] - res["score_us"]
     if reference:
         fn = torch.compile(torch_path, dynamic=False)
         few = pick[: 20 if ctx > 200000 else 100]
-        res["torch_compiled_us"] = time_graph(
+        res["torch_compiled_us"] = graph_us(
             [lambda r=r: fn(qi, w, r.parts, pos, rows) for r in few], replays=5
         )
         res["speedup"] = res["torch_compiled_us"] / res["kernel_us"]

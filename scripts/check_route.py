@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import types
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from graph_timing import graph_us  # scripts/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,36 +156,11 @@ def check_identity() -> dict:
 # ---- Timing ----------------------------------------------------------------------------------
 
 
-def time_graph(calls: list[Callable[[], object]], replays: int = 20) -> float:
-    """Median microseconds per call: all calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls[:3]:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
-
-
 def time_case(T: int, compiled: dict[str, Callable]) -> dict:
     logits, bias = make_inputs(T, 2.0, 0.1, seed=T)
-    res = {"T": T, "kernel_us": time_graph([lambda: route(logits, bias, K, SCALE)] * 100)}
+    res = {"T": T, "kernel_us": graph_us([lambda: route(logits, bias, K, SCALE)] * 100)}
     for name, fn in compiled.items():
-        res[f"{name}_us"] = time_graph([lambda fn=fn: fn(logits, bias)] * 100)
+        res[f"{name}_us"] = graph_us([lambda fn=fn: fn(logits, bias)] * 100)
     return res
 
 
