@@ -100,8 +100,9 @@ def flash(n_layer: int) -> Shape:
 
 
 def time_decode(sess, n: int, start_token: int = 1) -> float:
-    logits = sess.eval(start_token)  # eager warm step / capture happens in the first two
-    logits = sess.eval(int(logits.argmax()))
+    logits = sess.eval(start_token)  # two eager warm steps, then the capture: untimed
+    for _ in range(2):
+        logits = sess.eval(int(logits.argmax()))
     sync()
     t0 = time.perf_counter()
     for _ in range(n):
