@@ -216,3 +216,18 @@ def test_backend_moe_fallback_has_no_host_loop():
     assert not tiles.kernel_ok(gate)
     got = fast.moe(x, ids, wts, gate, up, down, 10.0)
     assert _rel(got, slow.moe(x, ids, wts, gate, up, down, 10.0)) < 1e-5
+
+
+def test_merge_joins_weights_and_linears_matches_separate_products():
+    fast = TritonOps(DEV)
+    ws = [fast.prepare(_weight(GQ.Q8_0, (n, 256), 20 + n)) for n in (32, 64, 96)]
+    want = [fast.linear(_randn(2, 256, seed=4), w) for w in ws]
+    views = fast.merge(ws)
+    # same values, now rows of one matrix: one product where the views are passed together
+    assert all(torch.equal(v.data, w.data) for v, w in zip(views, ws, strict=True))
+    assert views[1].data.data_ptr() == views[0].data.data_ptr() + views[0].data.numel()
+    got = fast.linears(_randn(2, 256, seed=4), tuple(views))
+    assert all(_rel(g, w) < 1e-6 for g, w in zip(got, want, strict=True))
+    # mixed formats are left alone
+    mixed = [ws[0], fast.prepare(_weight(GQ.F16, (32, 256), 9))]
+    assert fast.merge(mixed) == mixed
