@@ -100,7 +100,7 @@ def flash(n_layer: int) -> Shape:
 
 
 def time_decode(sess, n: int, start_token: int = 1) -> float:
-    logits = sess.eval(start_token)  # two eager warm steps, then the capture: untimed
+    logits = sess.eval(start_token)  # the eager warm step and the capture stay untimed
     for _ in range(2):
         logits = sess.eval(int(logits.argmax()))
     sync()

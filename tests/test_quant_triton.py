@@ -207,7 +207,7 @@ def test_launcher_errors():
                    down, 1.0, GRID)  # fmt: skip
 
 
-def test_backend_moe_fallback_has_no_host_loop():
+def test_backend_moe_fallback_for_unaligned_experts_matches_reference():
     # unaligned IQ2_XXS experts: the all-experts path (capturable) equals the reference
     gate, up, down = _experts(GQ.IQ2_XXS, GQ.Q2_K, n_exp=4, n_ff=256, dim=256)
     fast, slow = TritonOps(DEV), Ops(DEV)

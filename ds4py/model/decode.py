@@ -149,13 +149,18 @@ def indexer_step(blk: Block, wp, qr, cs, p: Tensor, st: LayerState, kernels: dic
     return kernels["indexer_topk"](qi, w, st.index, p, blk.ratio, k)
 
 
-def indexer_topk(qi: Tensor, w: Tensor, rows, p: Tensor, ratio: int, k: int) -> Tensor:
-    """The k rows of highest score sum_h w_h relu(qi_h . row) among the visible ones (ids
-    below (p+1)//ratio; ties to the lower id; invisible ids fill up when fewer are visible)."""
+def indexer_scores(qi: Tensor, w: Tensor, rows, p: Tensor, ratio: int) -> Tensor:
+    """[cap] scores sum_h w_h relu(qi_h . row) of every row; -inf from (p+1)//ratio on."""
     keys = rows.get(rows.cap)
     score = torch.einsum("th,thk->tk", w[None], torch.relu(qi[None] @ keys.T))[0]
     visible = torch.arange(rows.cap, device=qi.device) < (p + 1) // ratio
-    score = score.masked_fill(~visible, float("-inf"))
+    return score.masked_fill(~visible, float("-inf"))
+
+
+def indexer_topk(qi: Tensor, w: Tensor, rows, p: Tensor, ratio: int, k: int) -> Tensor:
+    """The k visible rows of highest `indexer_scores` (ties to the lower id; invisible ids
+    fill up when fewer are visible)."""
+    score = indexer_scores(qi, w, rows, p, ratio)
     # stable: among equal scores the lower row wins, as in the chunked path (and ds4)
     return torch.sort(score, descending=True, stable=True).indices[:k]
 
@@ -210,9 +215,9 @@ class Decoder:
         self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()
-        elif self.use_graph and self.steps >= 2 and self.capture():
+        elif self.use_graph and self.steps >= 1 and self.capture():
             self.graph.replay()
-        else:  # eager: on the CPU, and the first two CUDA steps (compiles, kernel warm-up)
+        else:  # eager: on the CPU, and the first CUDA step (compiles, kernel warm-up)
             self.logits = self._step()
         self.steps += 1
         self._advance(pos + 1)

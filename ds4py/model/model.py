@@ -253,6 +253,8 @@ class Block:
             proj = self.ops.linears(x, self.compressor_weights())
             self.compress(proj, int(pos[0]), st)
             comp = st.comp_rows().to(dt)
+            if self.ratio == 4:  # indexer rows, once for all query blocks; FP4: exact in float16
+                keys = st.index_rows().to(dt).T
             ks = torch.arange(st.n_comp, device=x.device)
             visible = ks[None, :] < (pos[:, None] + 1) // self.ratio  # [T, n_comp]
         st.push_window(kv, int(pos[0]))
@@ -265,7 +267,7 @@ class Block:
                 sel = None
                 if self.ratio == 4:
                     cs_b = (cs[0][b], cs[1][b])
-                    sel = self.indexer_select(proj[4][b], qr[b], cs_b, st, visible[b])
+                    sel = self.indexer_select(proj[4][b], qr[b], cs_b, keys, visible[b])
                 if sel is None:
                     parts.append((comp, visible[b]))
                 else:  # each query reads only its top-k rows
@@ -346,13 +348,13 @@ class Block:
 
     # ---- Lightning indexer (MODEL.md §2.7) ----
     def indexer_select(
-        self, wp: Tensor, qr: Tensor, cs: tuple[Tensor, Tensor], st: LayerState, visible: Tensor
+        self, wp: Tensor, qr: Tensor, cs: tuple[Tensor, Tensor], keys: Tensor, visible: Tensor
     ) -> Tensor | None:
         """Rows [T, top_k] each query attends (its top-k visible by indexer score), or None
         when no query has more than top_k rows to choose from (then all visible rows count).
-        wp: the queries' indexer_proj products (head weights)."""
+        wp: the queries' indexer_proj products (head weights); keys: the indexer rows [d, n]."""
         s, T = self.shape, qr.shape[0]
-        if st.n_comp <= s.indexer_top_k:
+        if keys.shape[1] <= s.indexer_top_k:
             return None  # every visible row is selected; scoring cannot change that
         qi = self.ops.linear(qr, self.indexer_attn_q_b).view(
             T, s.n_indexer_head, s.indexer_head_dim
@@ -361,7 +363,6 @@ class Block:
         if self.quant_sim:
             qi = self.fp4(qi)
         w = wp / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
-        keys = st.index_rows().to(self.ops.attn_dtype).T  # FP4 rows: exact in float16
         # [t, h, k] products in query slices of <= 2^28 values (long contexts)
         step = max(1, (1 << 28) // (s.n_indexer_head * keys.shape[1]))
         score = torch.cat(

@@ -76,12 +76,8 @@ class Ops:
         return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
 
     def route(self, logits, bias, k: int, scale: float):
-        """Learned routing (MODEL.md §2.9): scores sqrt(softplus(logits)) [T, E]; ids [T, k] of
-        the k largest scores + bias (descending), weights = scale * their scores / sum."""
-        scores = torch.sqrt(torch.nn.functional.softplus(logits))
-        ids = torch.topk(scores + bias, k, dim=-1).indices
-        w = scores.gather(1, ids)
-        return ids, scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
+        """Learned routing (MODEL.md §2.9): expert ids [T, k] and weights [T, k] (ref.route)."""
+        return ref.route(logits, bias, k, scale)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b (broadcast batch dims) with a float32 result: attention and indexer products."""

@@ -118,6 +118,19 @@ def moe(
     return slots.view(n_tok, k, -1).sum(dim=1)
 
 
+# ---- Learned routing (MODEL.md §2.9) ----
+
+
+def route(logits, bias, k: int, scale: float):
+    """scores = sqrt(softplus(logits)) [T, E]; ids [T, k] of the k largest scores + bias,
+    descending (a stable sort: equal keys give the lower expert first, where torch.topk leaves
+    the order open); weights = scale * those scores / their sum (clamped as Block.moe)."""
+    scores = torch.sqrt(torch.nn.functional.softplus(logits))
+    ids = torch.sort(scores + bias, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = scores.gather(1, ids)
+    return ids, scale * w / w.sum(-1, keepdim=True).clamp_min(6.1035e-5)
+
+
 # ---- mHC pre (MODEL.md §2.4): the small control math around the 24-row projection ----
 
 

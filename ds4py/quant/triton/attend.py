@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ds4py.kv.state import FloatRows, FP8Rows
-from ds4py.model.model import attend
+from ds4py.model.decode import attend_step
 from ds4py.quant.triton.tiles import interpreting
 
 Tensor = torch.Tensor
@@ -386,16 +386,5 @@ def attend_decode_ref(
     ratio: int,
     sinks: Tensor,
 ) -> Tensor:
-    """The decode step's attention as model/decode.py writes it: the ring with its validity mask,
-    then the compressed rows (gathered by idx, or all) with the visibility mask, then attend."""
-    W = raw.shape[0]
-    slot = torch.arange(W, device=q.device)
-    parts = [(raw, ((pos - (pos - slot) % W) >= 0)[None])]
-    if rows is not None:
-        cap = rows.cap
-        visible = torch.arange(cap, device=q.device) < (pos + 1) // ratio
-        if idx is None:
-            parts.append((rows.get(cap), visible[None]))
-        else:
-            parts.append((rows.gather(idx), visible[idx][None]))
-    return attend(q[None], parts, sinks)[0]
+    """The decode step's attention as model/decode.py defines it (`attend_step`)."""
+    return attend_step(q, raw, pos, rows, idx, ratio, sinks)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ds4py.kv.state import FloatRows, FP4Rows
+from ds4py.model import decode
 from ds4py.quant.triton.tiles import interpreting
 
 Tensor = torch.Tensor
@@ -462,13 +463,9 @@ def _launch_select(cap, pos, ratio, k, scratch: IndexerScratch, out, cfg: TopkCo
 
 def indexer_scores_ref(qi: Tensor, w: Tensor, rows, pos: Tensor, ratio: int) -> Tensor:
     """[cap] float32 scores as decode.py computes them; invisible rows -inf."""
-    keys = rows.get(rows.cap)
-    score = torch.einsum("th,thk->tk", w[None], torch.relu(qi[None] @ keys.T))[0]
-    visible = torch.arange(rows.cap, device=qi.device) < (pos + 1) // ratio
-    return score.masked_fill(~visible, float("-inf"))
+    return decode.indexer_scores(qi, w, rows, pos, ratio)
 
 
 def indexer_topk_ref(qi: Tensor, w: Tensor, rows, pos: Tensor, ratio: int, k: int) -> Tensor:
     """decode.py's selection (stable descending sort: ties to the lower id), ids ascending."""
-    score = indexer_scores_ref(qi, w, rows, pos, ratio)
-    return torch.sort(score, descending=True, stable=True).indices[:k].sort().values
+    return decode.indexer_topk(qi, w, rows, pos, ratio, k).sort().values

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
+
+from ds4py.quant import ref
 
 WEIGHT_SUM_MIN = 6.1035e-5  # Block.moe's clamp of the weight sum (smallest normal float16)
 
@@ -25,14 +26,9 @@ WEIGHT_SUM_MIN = 6.1035e-5  # Block.moe's clamp of the weight sum (smallest norm
 
 
 def route_ref(logits: Tensor, bias: Tensor, k: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Block.moe's learned routing: ids [T, k] int64 (descending score + bias), weights [T, k]."""
+    """Block.moe's learned routing (`ds4py.quant.ref.route`), with the launcher's checks."""
     _check(logits, bias, k)
-    scores = torch.sqrt(F.softplus(logits))  # [T, E]
-    # torch.topk leaves the order of equal keys unspecified; a stable sort puts the lower id first
-    ids = torch.sort(scores + bias, dim=-1, descending=True, stable=True).indices[:, :k]
-    w = scores.gather(1, ids)
-    w = scale * w / w.sum(-1, keepdim=True).clamp_min(WEIGHT_SUM_MIN)
-    return ids, w
+    return ref.route(logits, bias, k, scale)
 
 
 def _check(logits: Tensor, bias: Tensor, k: int) -> None:
