@@ -17,7 +17,8 @@ from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
 from ds4py.quant.triton.hc import MAX_TOKENS as HC_MAX_TOKENS
 from ds4py.quant.triton.hc import hc_pre, hc_pre_fused
-from ds4py.quant.triton.moe import moe_decode, moe_prefill
+from ds4py.quant.triton.moe import moe_decode
+from ds4py.quant.triton.moe_prefill import moe_prefill
 from ds4py.quant.triton.route import route
 from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
 
@@ -107,10 +108,7 @@ class TritonOps(Ops):
             return _moe_all_experts(x, ids, weights, *dense, clamp)
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
-        # long chunks: bf16 copies of 64 experts at a time beat decoding 2-4 bit tiles per
-        # token tile once experts average >= 16 tokens (docs/PERFORMANCE.md)
-        group = 64 if ids.numel() >= 16 * gate.shape[0] else 0
-        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs, dense_group=group)
+        return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

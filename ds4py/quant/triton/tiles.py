@@ -112,7 +112,7 @@ def dp4a_add(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _signed_mags(sel, EMULATE: tl.constexpr):
+def signed_mags(sel, EMULATE: tl.constexpr):
     """Four signed weight bytes from selector nibbles (code | sign << 2), code 0/1/2 for
     magnitudes 8/25/43: one byte permute of the constant pair (8, 25, 43 | -8, -25, -43)."""
     if EMULATE:
@@ -137,8 +137,8 @@ def iq2_octet_dot(a, bu, SUB: tl.constexpr, xlo, xhi, acc, tabs, EMULATE: tl.con
     tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
     sel = tl.load(tab32 + ((a >> (8 * SUB)) & 255))
     sel |= tl.load(tab32 + 256 + ((bu >> (7 * SUB)) & 127).to(tl.int32))
-    acc = dp4a_add(_signed_mags(sel, EMULATE), xlo, acc, EMULATE)
-    return dp4a_add(_signed_mags(sel >> 16, EMULATE), xhi, acc, EMULATE)
+    acc = dp4a_add(signed_mags(sel, EMULATE), xlo, acc, EMULATE)
+    return dp4a_add(signed_mags(sel >> 16, EMULATE), xhi, acc, EMULATE)
 
 
 @triton.jit
