@@ -32,12 +32,13 @@ N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 
 
 def sweep(quick: bool) -> list[dict]:
-    base = dict(BN_GU=64, BN_DOWN=64, BK=64, num_warps=4, num_stages=3)
-    cands = [dict(base, BM=bm) for bm in (32, 64, 128)]
+    small = dict(BM=64, BN_GU=128, BN_DOWN=128, BK=64, num_warps=4, num_stages=3)
+    big = dict(small, BM=128, BN_GU=64)
+    cands = [small, big]
     if not quick:
-        cands += [dict(base, BM=bm, BN_GU=128, BN_DOWN=128) for bm in (32, 64, 128)]
-        cands += [dict(base, BM=bm, BN_DOWN=128) for bm in (64, 128)]
-        cands += [dict(base, BM=128, BN_GU=128, BN_DOWN=128, num_warps=8)]
+        for base in (small, big):
+            cands += [dict(base, BK=32), dict(base, num_stages=4), dict(base, num_warps=8),
+                      dict(base, BN_GU=64, BN_DOWN=64)]  # fmt: skip
     return cands
 
 

@@ -314,7 +314,7 @@ def moe_prefill(
     n_exp, n_ff, dim = gate.shape
     cfg = cfg or moe_prefill_config(n_tok * k, n_exp, n_ff, dim)
     bk = cfg["BK"]
-    if dim % bk or n_ff % bk or n_ff % cfg["BN_GU"] or dim % cfg["BN_DOWN"] or bk % 64:
+    if dim % bk or n_ff % bk or n_ff % cfg["BN_GU"] or dim % cfg["BN_DOWN"] or bk % 32:
         raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} do not fit the tiles {cfg}")
     order, tiles = expert_tiles(ids, n_exp, cfg["BM"])
     xh, wts = x.to(torch.float16).contiguous(), weights.reshape(-1).contiguous()
