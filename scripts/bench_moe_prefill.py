@@ -4,9 +4,10 @@
 Owns: the expert-GEMM TFLOP/s rows of docs/PERFORMANCE.md. Cases: q2 experts (IQ2_XXS gate/up,
 Q2_K down) and q4 (Q4_K) with 2048 / 8192 tokens routed top-6 of 256 at random, and 6 experts
 with 2048 tokens each. For each: moe.py's bf16 tile kernels and bf16 expert copies (the old
-paths), moe_prefill.py's float16 tiles over a tiling sweep, each checked against the f32
-reference. Times: the whole call (sorting included) and the two grouped launches alone,
-median of CUDA events. TFLOP/s = 2 * tokens * 6 * 3 * 2048 * 4096 / time.
+paths), moe_prefill.py's Triton float16 tiles over a tiling sweep and moe_hopper.py's Gluon
+kernels, each checked against the f32 reference. Times: the whole call (sorting included)
+and the two grouped launches alone, median of CUDA events.
+TFLOP/s = 2 * tokens * 6 * 3 * 2048 * 4096 / time.
 Usage: python scripts/bench_moe_prefill.py [--out DIR] [--quick]
 """
 
@@ -25,6 +26,7 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.triton import moe as old  # noqa: E402
+from ds4py.quant.triton import moe_hopper as hopper  # noqa: E402
 from ds4py.quant.triton import moe_prefill as new  # noqa: E402
 from ds4py.quant.triton.tiles import prepared, tables  # noqa: E402
 
@@ -78,11 +80,26 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
     xh, w1 = x.half(), wts.reshape(-1).contiguous()
     for cfg in sweep(quick):
         order, tiles = new.expert_tiles(ids, N_EXP, cfg["BM"])
-        record(f"f16 tiles {cfg}",
-               lambda c=cfg: new.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs, c),
+        record(f"triton f16 tiles {cfg}",
+               lambda c=cfg: new.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs, c, False),
                lambda c=cfg, o=order, t=tiles: new.grouped(xh, o, w1, t, gate, up, down, K, CLAMP,
                                                            tabs, c))  # fmt: skip
-    best = min((r for r in rows if r["variant"].startswith("f16")), key=lambda r: r["ms"],
+    if hopper.supported(gate, up, down):
+        for bm in (64, 128):
+            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), BM=bm)
+            order, tiles = new.expert_tiles(ids, N_EXP, bm)
+            record(f"hopper (gluon) BM {bm}",
+                   lambda c=cfg: new.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs, c),
+                   lambda c=cfg, o=order, t=tiles: hopper.grouped(xh, o, w1, t, gate, up, down, K,
+                                                                  CLAMP, tabs, c))  # fmt: skip
+    parts = {
+        "expert_tiles": lambda: new.expert_tiles(ids, N_EXP, 64),
+        "x to f16 in kappa order": lambda: hopper.x_kappa(x),
+        "sum of k slots": lambda: want.new_empty(n_tok * K, DIM).view(n_tok, K, DIM).sum(dim=1),
+    }
+    print("  overheads (ms): " + ", ".join(f"{k} {time_eager(f, reps=5) * 1e3:.3f}"
+                                          for k, f in parts.items()), flush=True)  # fmt: skip
+    best = min((r for r in rows if not r["variant"].startswith("old")), key=lambda r: r["ms"],
                default=None)  # fmt: skip
     print(f"  BEST {name}: {best}", flush=True)
     out.extend(rows)

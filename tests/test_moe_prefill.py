@@ -97,3 +97,40 @@ def test_config_fits_small_experts_and_rejects_misfits():
     x, ids = torch.randn(3, 96, device=DEV), torch.zeros(3, 1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="do not fit"):
         mp.moe_prefill(x, ids, torch.ones(3, 1, device=DEV), gate, gate, down, 1.0, TABS)
+
+
+def test_kappa_order_gives_each_lane_sixteen_consecutive_columns():
+    # wgmma A fragment: lane t holds MMA columns 16b + 8hi + 2t + e of each 64; the permuted x
+    # must hand it original columns 16t .. 16t+15 (two whole 8-value groups), each once
+    from ds4py.quant.triton import moe_hopper
+
+    x = torch.arange(2 * 128, dtype=torch.float32, device=DEV).view(2, 128)
+    xp = moe_hopper.x_kappa(x).float()
+    assert xp.dtype == torch.float32 and torch.equal(xp.sort(dim=1).values, x)
+    for kappa in range(128):
+        b, hi, t = (kappa % 64) // 16, (kappa % 16) // 8, (kappa % 8) // 2
+        orig = int(xp[0, kappa].item())
+        assert orig // 64 == kappa // 64 and (orig % 64) // 16 == t, (kappa, orig, b, hi)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("gate_t,down_t", [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K)])
+@pytest.mark.parametrize("n_exp,n_ff,dim,n_tok", [(4, 256, 512, 37), (16, 2048, 4096, 300)])
+def test_hopper_kernels_match_triton_kernels(gate_t, down_t, n_exp, n_ff, dim, n_tok):
+    from ds4py.quant.triton import moe_hopper
+
+    g = _gen(5)
+    gate, up = (random_qtensor(gate_t, (n_exp, n_ff, dim), g) for _ in range(2))
+    down = random_qtensor(down_t, (n_exp, dim, n_ff), g)
+    if not moe_hopper.supported(gate, up, down):
+        pytest.skip("not an sm_90 GPU")
+    x = torch.randn(n_tok, dim, device=DEV, generator=g)
+    ids = torch.rand(n_tok, n_exp, device=DEV, generator=g).topk(3, dim=-1).indices
+    wts = torch.rand(n_tok, 3, device=DEV, generator=g)
+    for bm in (64, 128):
+        cfg = dict(mp.moe_prefill_config(n_tok * 3, n_exp, n_ff, dim), BM=bm)
+        fast = mp.moe_prefill(x, ids, wts, gate, up, down, 1.0, TABS, cfg)
+        slow = mp.moe_prefill(x, ids, wts, gate, up, down, 1.0, TABS, cfg, hopper=False)
+        assert _rel(fast, slow) < 1e-4  # same float16 values, float32 sums in another order
+        assert torch.equal(mp.moe_prefill(x, ids, wts, gate, up, down, 1.0, TABS, cfg), fast)

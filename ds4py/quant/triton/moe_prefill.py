@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ds4py.quant.formats import QTensor
+from ds4py.quant.triton import moe_hopper
 from ds4py.quant.triton.moe import _check, _clamped_swiglu, moe_ref
 from ds4py.quant.triton.tiles import dequant_tile, f16_at, interpreting, prepared, signed_mags
 
@@ -216,7 +217,7 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h, tiles, down, tabs, y, D, F, RB,
+    h, order, tiles, down, tabs, y, D, F, RB,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EMULATE: tl.constexpr,
 ):  # fmt: skip
@@ -231,7 +232,8 @@ def _down_kernel(
     for k0 in range(0, F, BK):
         acc = _dot(tile16(down, tabs, row_off, F, k0, FMT, BK, EMULATE), tl.load(hcol + k0 + kk),
                    acc, EMULATE)  # fmt: skip
-    tl.store(y + rows.to(tl.int64)[None, :] * D + rn[:, None], acc, mask=valid[None, :])
+    slot = tl.load(order + rows, mask=valid, other=0)  # results go straight to (token, slot) rows
+    tl.store(y + slot.to(tl.int64)[None, :] * D + rn[:, None], acc, mask=valid[None, :])
 
 
 @triton.jit
@@ -303,11 +305,14 @@ def moe_prefill(
     clamp: float,
     tabs: torch.Tensor,
     cfg: dict | None = None,
+    hopper: bool = True,
 ) -> torch.Tensor:
     """out[t] = sum_i w[t, i] * down[e] @ swiglu(gate[e] x[t], up[e] x[t]), e = ids[t, i];
-    x and h (the SwiGLU output) enter the tensor cores as float16, sums are float32.
+    x and h (the SwiGLU output) enter the tensor cores as float16, sums are float32. On sm_90
+    the 2-4 bit formats run moe_hopper.py's kernels (same math) unless `hopper` is False.
 
-    `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
+    `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the Triton tiling; the
+    Hopper kernels take only its BM."""
     _check(x, ids, weights, gate, up, down)
     gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
@@ -317,16 +322,18 @@ def moe_prefill(
     if dim % bk or n_ff % bk or n_ff % cfg["BN_GU"] or dim % cfg["BN_DOWN"] or bk % 32:
         raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} do not fit the tiles {cfg}")
     order, tiles = expert_tiles(ids, n_exp, cfg["BM"])
-    xh, wts = x.to(torch.float16).contiguous(), weights.reshape(-1).contiguous()
-    y = grouped(xh, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg)
-    per_slot = torch.empty_like(y)
-    per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
-    return per_slot.view(n_tok, k, dim).sum(dim=1)
+    wts = weights.reshape(-1).contiguous()
+    if hopper and not interpreting() and moe_hopper.supported(gate, up, down):
+        y = moe_hopper.grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg)
+    else:
+        y = grouped(x.to(torch.float16).contiguous(), order, wts, tiles, gate, up, down, k, clamp,
+                    tabs, cfg)  # fmt: skip
+    return y.view(n_tok, k, dim).sum(dim=1)  # slots in order: deterministic
 
 
 def grouped(xh, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.Tensor:
-    """Both launches over sorted slots: y [slots, dim] float32 in sorted order (benchmarks
-    time this part alone)."""
+    """Both launches over slots sorted by expert: y [slots, dim] float32, row t * k + i for
+    token t's slot i (benchmarks time this part alone)."""
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles, bk = order.numel(), tiles.shape[0], cfg["BK"]
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=xh.device)
@@ -337,7 +344,7 @@ def grouped(xh, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch
         float(clamp), KTOP=k, FMT=int(gate.qtype), BM=cfg["BM"], BN=cfg["BN_GU"], BK=bk, **launch,
     )  # fmt: skip
     _down_kernel[(n_tiles, dim // cfg["BN_DOWN"])](
-        h, tiles, down.data, tabs, y, dim, n_ff, down.data.shape[-1], FMT=int(down.qtype),
+        h, order, tiles, down.data, tabs, y, dim, n_ff, down.data.shape[-1], FMT=int(down.qtype),
         BM=cfg["BM"], BN=cfg["BN_DOWN"], BK=bk, **launch,
     )  # fmt: skip
     return y
