@@ -43,7 +43,13 @@ from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import FORMATS, QTensor, random_blocks, row_bytes  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
 from ds4py.quant.triton.gemm import gemm, gemm_config  # noqa: E402
-from ds4py.quant.triton.gemv import gemv, gemv_config  # noqa: E402
+from ds4py.quant.triton.gemv import (  # noqa: E402
+    decode_config,
+    gemv,
+    gemv_config,
+    gemv_ref,
+    pdl_ok,
+)
 from ds4py.quant.triton.moe import (  # noqa: E402
     moe_decode,
     moe_decode_config,
@@ -146,12 +152,13 @@ def bench_gemv(name, qtype, n, k, groups, n_tok, copy_bw, grid, rows):
     w = weight(qtype, (n, k), seed=n + k)
     ws = copies(w)
     x = torch.randn(n_tok, groups, k, device=DEV).squeeze(1).contiguous()
-    want = ref.linear(int8_rounded(x) if qtype in INT8_PATH else x, w)
-    default = gemv_config(n, k, n // groups, n_tok, int8=qtype in INT8_PATH)
+    x_ref = int8_rounded(x) if qtype in INT8_PATH else x
+    default = decode_config(qtype, n, k, n // groups, n_tok, pdl=pdl_ok(x.device))
     results = []
     cands = gemv_candidates(n, k, n // groups, n_tok)
     for cfg in cands + ([default] if default not in cands else []):
-        err = rel_err(gemv(x, w, grid, cfg), want)
+        # the reference rounds x where this tiling's kernel does (the one-token Q8_0 path)
+        err = rel_err(gemv(x, w, grid, cfg), gemv_ref(x_ref, w, cfg=cfg))
         t = time_graph([lambda w_=w_, c=cfg: gemv(x, w_, grid, c) for w_ in ws])
         results.append((t, cfg, err))
     _report(rows, "gemv", name, qtype, n_tok, w.nbytes, results, default, copy_bw, "gemv")
@@ -317,14 +324,15 @@ ENGINE_GEMVS = [  # name, type, out, in, groups
 
 
 def sweep_engine_gemvs(copy_bw, grid) -> list[dict]:
-    """Every (BN, BK, warps) tiling of the engine's decode GEMVs at T = 1: the data for
-    `gemv_config`'s defaults on this card."""
+    """Every (BN, BK, warps) tiling of the tiled kernel for the engine's decode GEMVs at T = 1,
+    against gemv's default (the one-token kernel for Q8_0 / F16: its own sweep is
+    scripts/bench_gemv_decode.py --sweep)."""
     out = []
     for name, q, n, k, g in ENGINE_GEMVS:
         w = weight(q, (n, k), seed=n + k)
         ws = copies(w)
         x = torch.randn(1, g, k, device=DEV).squeeze(1).contiguous()
-        default = gemv_config(n, k, n // g, 1, int8=q in INT8_PATH)
+        default = decode_config(q, n, k, n // g, 1, pdl=pdl_ok(x.device))
         t_def = time_graph([lambda w_=w_, x=x, c=default: gemv(x, w_, grid, c) for w_ in ws])
         best = (t_def, default)
         for bk in (512, 1024, 2048, 4096):

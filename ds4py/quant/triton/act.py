@@ -4,7 +4,9 @@ Owns: `quantize_act(x)` -> (q int8 [R, K], scale f32 [R, K/32], sum16 f32 [R, K/
 q = round(x / scale), scale = max|x| / 127 per 32 values, and sum16 = scale * (sum of q) per 16
 values, so a kernel using them computes exactly W @ x' with x' = q * scale (the min terms of the
 K-quants included); its kernel and a torch reference. ds4 quantizes activations the same way on
-its decode path. Does not own the dot products (rowdot.py).
+its decode path. Also the per-16 rounding of the one-token Q8_0 GEMV (`quantize16`: packed int8
+words, -128 * sum(q) and scale per 16 values, the operands gemv.py's `_rows_kernel` reads) and
+its reference (`quantize16_ref`, `round16`). Does not own the dot products (rowdot.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ds4py.quant.triton.rowdot import quant16
+from ds4py.quant.triton.tiles import interpreting
 
 
 @triton.jit
@@ -53,3 +58,61 @@ def quantize_act_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     scale = amax / 127.0
     sums = q.view(x.shape[0], -1, 2, 16).sum(dim=3) * scale[..., None]
     return q.to(torch.int8).view_as(x), scale, sums.flatten(1)
+
+
+@triton.jit
+def _quant16_kernel(x, xq, xb, xd, K, NV: tl.constexpr, PDL: tl.constexpr,
+                    EMULATE: tl.constexpr):  # fmt: skip
+    if PDL:  # the GEMV after this one may start (and fetch its weights) right away
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    r = tl.program_id(0).to(tl.int64)
+    k0 = tl.program_id(1) * (16 * NV)
+    w0, w1, w2, w3, bias, dq = quant16(x + r * K, k0, NV, EMULATE)
+    run = k0 // 16 + tl.arange(0, NV)
+    words = xq + r * (K // 4) + 4 * run
+    tl.store(words, w0)
+    tl.store(words + 1, w1)
+    tl.store(words + 2, w2)
+    tl.store(words + 3, w3)
+    tl.store(xb + r * (K // 16) + run, bias)
+    tl.store(xd + r * (K // 16) + run, dq)
+
+
+def quantize16(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, ...]:
+    """x float32 [R, K] (K % 256 == 0) -> (int8 words int32 [R, K/4], -128 * sum(q) int32
+    [R, K/16], scale [R, K/16]), `quantize16_ref`'s rounding; `pdl` launches it as a
+    programmatic dependent of the previous kernel (Hopper and later)."""
+    if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] % 256 or not x.is_contiguous():
+        raise ValueError(f"quantize16: need contiguous float32 [R, K%256==0], got {x.shape}")
+    rows, k = x.shape
+    nv = 16 if k % 1024 else 64
+    xq = torch.empty(rows, k // 4, dtype=torch.int32, device=x.device)
+    xb = torch.empty(rows, k // 16, dtype=torch.int32, device=x.device)
+    xd = torch.empty(rows, k // 16, dtype=torch.float32, device=x.device)
+    _quant16_kernel[(rows, k // (16 * nv))](
+        x, xq, xb, xd, k, NV=nv, PDL=pdl, EMULATE=interpreting(), num_warps=max(1, nv // 32),
+        launch_pdl=pdl,
+    )  # fmt: skip
+    return xq, xb, xd
+
+
+def quantize16_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [..., K] (K % 16 == 0) -> (q int8 [..., K], scale [..., K/16]): per 16 values
+    q = round_half_even(x * (127 / amax)), scale = amax * float32(1 / 127), as rowdot.py
+    `quant16` computes them (each thread owns 16 values, so no cross-thread max)."""
+    if x.dtype != torch.float32 or x.shape[-1] % 16:
+        raise ValueError(f"quantize16_ref: need float32 [..., K%16==0], got {x.dtype} {x.shape}")
+    runs = x.reshape(*x.shape[:-1], -1, 16)
+    amax = runs.abs().amax(dim=-1)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, 127.0 / safe, torch.zeros_like(amax))
+    q = torch.round(runs * inv[..., None])
+    scale = amax * torch.tensor(1.0 / 127.0, dtype=torch.float32, device=x.device)
+    return q.to(torch.int8).view_as(x), scale
+
+
+def round16(x: torch.Tensor) -> torch.Tensor:
+    """x as the Q8_0 GEMV sees it: int8 per 16 values times the scale (float32)."""
+    q, scale = quantize16_ref(x)
+    return (q.float().view(*scale.shape, 16) * scale[..., None]).view_as(x)

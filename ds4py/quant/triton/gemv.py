@@ -1,9 +1,12 @@
 """Decode GEMV: y[T, N] = x[T, (G,) K] @ W(N, K).T for 1..8 tokens, dequantizing on the fly.
 
 Owns: the memory-bound small-batch matmul on split-layout weights (rowdot.py does the inner
-step per format), its tiling heuristic, launcher and a torch reference of the same signature.
-Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (MODEL.md §2.8).
-Numerics: F16/BF16/F32/Q8_0 in float32 FMA; Q2_K/Q4_K/IQ2_XXS with int8 activations (act.py).
+step per format): two kernels, their tiling heuristics, the launcher and a torch reference of
+the same signature. Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (§2.8).
+Q8_0/F16/BF16 run `_rows_kernel` (R rows per program, 16-byte weight loads, the token's
+activations in registers); F32/Q2_K/Q4_K/IQ2_XXS the tiled `_gemv_kernel`.
+Numerics: F16/BF16/F32 in float32 FMA; Q8_0 rounds x to int8 per 16 values in the kernel
+(act.py `round16`) and sums in dp4a; Q2_K/Q4_K/IQ2_XXS use int8 activations per 32 (act.py).
 Does not own: prefill (gemm.py) or backend choice (backend.py).
 """
 
@@ -12,14 +15,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
-from ds4py.quant.triton.act import quantize_act
-from ds4py.quant.triton.rowdot import acc_groups, accumulate
+from ds4py.quant.triton.act import quantize16, quantize_act, round16
+from ds4py.quant.triton.rowdot import (
+    acc_groups,
+    accumulate,
+    half_dot,
+    half_load,
+    q8_dot,
+    q8_load,
+    quarters,
+)
 from ds4py.quant.triton.tiles import INT8_PATH, interpreting, kernel_ok, prepared
 
 MAX_TOKENS = 8
+WIDE = (GQ.Q8_0, GQ.F16, GQ.BF16)  # formats `_rows_kernel` reads
 
 
 @triton.jit
@@ -85,6 +98,79 @@ def _gemv_kernel(
         _store(out, a7, 7, rows, N)
 
 
+@triton.jit
+def _q8_block(qt, bt, dt, w, row_off, K, R: tl.constexpr, BK: tl.constexpr,
+              PIPE: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """[R] dots of Q8_0 rows with one token's rounded activations (act.py `quantize16`: words
+    qt, -128 * sums bt, scales dt); PIPE loads the next step's weights before this one's dots."""
+    NV: tl.constexpr = BK // 16
+    acc = tl.zeros([R, NV], dtype=tl.float32)
+    wt, d = q8_load(w, row_off, K, 0, NV)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the weights are constant: only x waits for its producer
+    for k0 in range(0, K, BK):
+        if PIPE:
+            wn, dn = q8_load(w, row_off, K, k0 + BK, NV)
+        run = k0 // 16 + tl.arange(0, NV)
+        x0, x1, x2, x3 = quarters(tl.load(qt + 4 * run[:, None] + tl.arange(0, 4)[None, :]))
+        acc += q8_dot(wt, d, x0, x1, x2, x3, tl.load(bt + run), tl.load(dt + run), EMULATE)
+        if PIPE:
+            wt, d = wn, dn
+        else:
+            wt, d = q8_load(w, row_off, K, k0 + BK, NV)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _half_block(xt, w, row_off, K, DT: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                PIPE: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """[R] dots of F16 / BF16 rows with one token (float32 FMA), loads as in `_q8_block`."""
+    NV: tl.constexpr = BK // 8
+    acc = tl.zeros([R, NV, 4], dtype=tl.float32)
+    wt = half_load(w, row_off, K, 0, DT, NV)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for k0 in range(0, K, BK):
+        if PIPE:
+            wn = half_load(w, row_off, K, k0 + BK, DT, NV)
+        xp = xt + k0 + 8 * tl.arange(0, NV)[:, None] + tl.arange(0, 4)[None, :]
+        acc = half_dot(acc, wt, tl.load(xp), tl.load(xp + 4))
+        if PIPE:
+            wt = wn
+        else:
+            wt = half_load(w, row_off, K, k0 + BK, DT, NV)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _rows_kernel(
+    x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T,
+    FMT: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, PIPE: tl.constexpr,
+    PDL: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    # R whole rows per program, 16-byte weight loads (one run of 16 quants / 8 halves per lane
+    # and row per step), issued before anything waits on them. PDL (programmatic dependent
+    # launch): the next kernel may start once every program has begun, and this one fetches
+    # its (constant) weights before waiting for the kernel that wrote x.
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    rows = pid * R + tl.arange(0, R)
+    row_off = rows.to(tl.int64) * RB
+    grp = (pid * R) // RPG  # input group of this row block
+    for t in range(T):  # tokens after the first find the rows in L1/L2
+        if FMT == 8:
+            xr = t * (XR // K) + grp  # row of the rounded operands
+            qt, bt, dt = xq + xr * (K // 4), xb + xr * (K // 16), xd + xr * (K // 16)
+            dot = _q8_block(qt, bt, dt, w, row_off, K, R, BK, PIPE, PDL, EMULATE)
+        elif FMT == 1:
+            dot = _half_block(x + t * XR + grp * K, w, row_off, K, tl.float16, R, BK, PIPE, PDL)
+        else:
+            dot = _half_block(x + t * XR + grp * K, w, row_off, K, tl.bfloat16, R, BK, PIPE,
+                              PDL)  # fmt: skip
+        tl.store(out + t * N + rows, dot)
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     b = 1
     while b * 2 <= cap and n % (b * 2) == 0:
@@ -123,6 +209,46 @@ def _one_token_config(n: int, k: int, rows_per_group: int) -> dict:
     return dict(BN=1, BK=_pow2_divisor(k, 1024), num_warps=1)
 
 
+def _rows_config(qtype: GQ, n: int, k: int, rows_per_group: int) -> dict:
+    """R, BK, warps, PIPE for `_rows_kernel` (H200 sweep, docs/PERFORMANCE.md): one 16-byte
+    run per lane and row per step; Q8_0 one row per program (four for K <= 1024, two runs per
+    lane) and warps per program until ~16K warps are in the grid; F16 one row (four for K <=
+    1024) and 8 warps when fewer than 2048 programs; the next step prefetched if there is one."""
+    if interpreting():
+        return dict(R=_pow2_divisor(rows_per_group, 64), BK=_pow2_divisor(k, 4096), num_warps=1)
+    short = k <= 1024
+    r = _pow2_divisor(rows_per_group, 4 if short else 1)
+    if qtype == GQ.Q8_0:
+        nw, per_warp = 1, (1024 if short else 512)
+        while nw < 4 and (n // r) * nw < 16384 and k % (2 * nw * per_warp) == 0:
+            nw *= 2
+    else:
+        nw, per_warp = (1 if n // r >= 2048 else 8), 256
+    bk = _pow2_divisor(k, nw * per_warp)
+    return dict(R=r, BK=bk, num_warps=nw, PIPE=int(bk < k))
+
+
+def _wide(qtype: GQ, n_tok: int, cfg: dict | None) -> bool:
+    """Whether `gemv` runs `_rows_kernel`: by default for one token (decode) of Q8_0 / F16 /
+    BF16; 2-8 tokens keep the tiled kernel (weights decoded once for all tokens)."""
+    return "R" in cfg if cfg else qtype in WIDE and n_tok == 1
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later, not in the interpreter."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(
+        device)[0] >= 9  # fmt: skip
+
+
+def decode_config(qtype: GQ, n: int, k: int, rows_per_group: int, n_tok: int = 1,
+                  pdl: bool = False) -> dict:  # fmt: skip
+    """The tiling `gemv` uses for this weight type, shape and token count (`pdl`: with
+    programmatic dependent launch, as gemv does on Hopper)."""
+    if _wide(qtype, n_tok, None):
+        return dict(_rows_config(qtype, n, k, rows_per_group), PDL=int(pdl))
+    return gemv_config(n, k, rows_per_group, n_tok, int8=qtype in INT8_PATH)
+
+
 def _check(x: torch.Tensor, w: QTensor) -> int:
     """Validate and return the number of input groups."""
     if not kernel_ok(w) or len(w.shape) != 2:
@@ -149,7 +275,9 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
     """x [T, K] or [T, G, K] float32 (T <= 8), w (N, K) -> [T, N] float32.
 
     `w` should come from `prepared` (split layout; converted here otherwise, slowly).
-    `cfg` (BN, BK, num_warps) overrides the tiling heuristic (benchmarks)."""
+    `cfg` overrides the tiling heuristic (benchmarks): (R, BK, num_warps[, PIPE, PDL]) runs
+    `_rows_kernel` (Q8_0 / F16 / BF16; Q8_0 with x rounded to int8 per 16 values first), and
+    (BN, BK, num_warps) the tiled kernel (any format; float32 x for Q8_0)."""
     groups = _check(x, w)
     n_tok = x.shape[0]
     if not 1 <= n_tok <= MAX_TOKENS:
@@ -157,13 +285,27 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
     w = prepared(w)
     n, k = w.shape
     rpg = n // groups
+    cfg = cfg or decode_config(w.qtype, n, k, rpg, n_tok, pdl=pdl_ok(x.device))
+    out = torch.empty(n_tok, n, dtype=torch.float32, device=x.device)
+    if "R" in cfg:
+        r, bk = cfg["R"], cfg["BK"]
+        if w.qtype not in WIDE or k % bk or rpg % r or bk % 256:
+            raise ValueError(f"gemv: rows tile {r}x{bk} does not fit {w.qtype.name} {w.shape}")
+        opts = {"PIPE": 0, "PDL": 0, **cfg}
+        pdl = bool(opts["PDL"])
+        xq = xb = xd = x
+        if w.qtype == GQ.Q8_0:
+            xq, xb, xd = quantize16(x.view(-1, k), pdl=pdl)
+        _rows_kernel[(n // r,)](
+            x, xq, xb, xd, w.data, out, n, k, w.data.shape[-1], rpg, groups * k, n_tok,
+            FMT=int(w.qtype), EMULATE=interpreting(), launch_pdl=pdl, **opts,
+        )  # fmt: skip
+        return out
     int8 = w.qtype in INT8_PATH
-    cfg = cfg or gemv_config(n, k, rpg, n_tok, int8=int8)
     bn, bk = cfg["BN"], cfg["BK"]
     if k % bk or rpg % bn or (int8 and bk % 256):
         raise ValueError(f"gemv: tile {bn}x{bk} does not fit weight {w.shape}")
     xq, xs, xsum = act_operands(x.view(n_tok * groups, k), int8)
-    out = torch.empty(n_tok, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, xq, xs, xsum, w.data, tabs, out, n, k, w.data.shape[-1], rpg, groups * k,
         T=n_tok, FMT=int(w.qtype), AG=acc_groups(w.qtype, bk), EMULATE=interpreting(), **cfg,
@@ -174,5 +316,8 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
 def gemv_ref(
     x: torch.Tensor, w: QTensor, tabs: torch.Tensor | None = None, cfg: dict | None = None
 ) -> torch.Tensor:
-    """Torch reference with gemv's signature (float32 activations throughout)."""
-    return ref.linear(x, w)
+    """Torch reference with gemv's signature: float32 activations, rounded per 16 values where
+    gemv's Q8_0 path does (`round16`: one token, or a rows tiling in `cfg`); the 2-4 bit
+    formats' int8 rounding is the caller's."""
+    int8 = w.qtype == GQ.Q8_0 and _wide(w.qtype, x.shape[0], cfg)
+    return ref.linear(round16(x) if int8 else x, w)
