@@ -3,11 +3,13 @@
 Owns: the memory-bound small-batch matmul on split-layout weights (rowdot.py does the inner
 step per format): two kernels, their tiling heuristics, the launcher and a torch reference of
 the same signature. Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (§2.8).
-Q8_0/F16/BF16 run `_rows_kernel` (R rows per program, 16-byte weight loads, the token's
-activations in registers); F32/Q2_K/Q4_K/IQ2_XXS the tiled `_gemv_kernel`.
-Numerics: F16/BF16/F32 in float32 FMA; Q8_0 rounds x to int8 per 16 values in the kernel
-(act.py `round16`) and sums in dp4a; Q2_K/Q4_K/IQ2_XXS use int8 activations per 32 (act.py).
-Does not own: prefill (gemm.py) or backend choice (backend.py).
+One token of Q8_0/F16/BF16 (decode) runs `_rows_kernel` (R whole rows per program, 16-byte
+weight loads issued before anything waits, programmatic dependent launch on Hopper); 2-8
+tokens and F32/Q2_K/Q4_K/IQ2_XXS the tiled `_gemv_kernel`.
+Numerics: F16/BF16/F32 in float32 FMA; one-token Q8_0 rounds x to int8 per 16 values first
+(act.py `quantize16`, reference `round16`) and sums in dp4a, 2-8 tokens in float32; Q2_K/Q4_K/
+IQ2_XXS use int8 activations per 32 (act.py). Does not own: prefill (gemm.py) or backend choice
+(backend.py).
 """
 
 from __future__ import annotations
@@ -209,29 +211,35 @@ def _one_token_config(n: int, k: int, rows_per_group: int) -> dict:
     return dict(BN=1, BK=_pow2_divisor(k, 1024), num_warps=1)
 
 
-def _rows_config(qtype: GQ, n: int, k: int, rows_per_group: int) -> dict:
-    """R, BK, warps, PIPE for `_rows_kernel` (H200 sweep, docs/PERFORMANCE.md): one 16-byte
-    run per lane and row per step; Q8_0 one row per program (four for K <= 1024, two runs per
-    lane) and warps per program until ~16K warps are in the grid; F16 one row (four for K <=
-    1024) and 8 warps when fewer than 2048 programs; the next step prefetched if there is one."""
+def _rows_config(qtype: GQ, n: int, k: int, rows_per_group: int, pdl: bool) -> dict:
+    """R, BK, warps, PIPE, PDL for `_rows_kernel` from the H200 sweeps (docs/PERFORMANCE.md).
+    Q8_0: K <= 2048, 4096 / K rows per program and two runs of 16 quants per lane and step;
+    longer K, one row, more warps until ~16K warps are in the grid, >= 1024 quants a step.
+    F16: one row (four for K <= 1024), one run of 8 per lane, 8 warps below 2048 programs.
+    The next step is prefetched when there is one. PDL only up to 16K programs: the head
+    (126K programs) ran 13-25 % slower with it."""
     if interpreting():
         return dict(R=_pow2_divisor(rows_per_group, 64), BK=_pow2_divisor(k, 4096), num_warps=1)
-    short = k <= 1024
-    r = _pow2_divisor(rows_per_group, 4 if short else 1)
     if qtype == GQ.Q8_0:
-        nw, per_warp = 1, (1024 if short else 512)
-        while nw < 4 and (n // r) * nw < 16384 and k % (2 * nw * per_warp) == 0:
-            nw *= 2
+        if k <= 2048:
+            r, nw, bk = _pow2_divisor(rows_per_group, 4096 // k), 1, _pow2_divisor(k, 1024)
+        else:
+            r, nw = 1, 1
+            while nw < 4 and n * nw < 16384 and k % (1024 * nw) == 0:
+                nw *= 2
+            bk = _pow2_divisor(k, max(1024, 512 * nw))
     else:
-        nw, per_warp = (1 if n // r >= 2048 else 8), 256
-    bk = _pow2_divisor(k, nw * per_warp)
-    return dict(R=r, BK=bk, num_warps=nw, PIPE=int(bk < k))
+        r = _pow2_divisor(rows_per_group, 4 if k <= 1024 else 1)
+        nw = 1 if n // r >= 2048 else 8
+        bk = _pow2_divisor(k, 256 * nw)
+    return dict(R=r, BK=bk, num_warps=nw, PIPE=int(bk < k), PDL=int(pdl and n // r <= 16384))
 
 
-def _wide(qtype: GQ, n_tok: int, cfg: dict | None) -> bool:
+def _wide(qtype: GQ, n_tok: int, k: int, cfg: dict | None) -> bool:
     """Whether `gemv` runs `_rows_kernel`: by default for one token (decode) of Q8_0 / F16 /
-    BF16; 2-8 tokens keep the tiled kernel (weights decoded once for all tokens)."""
-    return "R" in cfg if cfg else qtype in WIDE and n_tok == 1
+    BF16 rows of 256k values; 2-8 tokens keep the tiled kernel (weights decoded once for all
+    tokens)."""
+    return "R" in cfg if cfg else qtype in WIDE and n_tok == 1 and k % 256 == 0
 
 
 def pdl_ok(device: torch.device) -> bool:
@@ -244,8 +252,8 @@ def decode_config(qtype: GQ, n: int, k: int, rows_per_group: int, n_tok: int = 1
                   pdl: bool = False) -> dict:  # fmt: skip
     """The tiling `gemv` uses for this weight type, shape and token count (`pdl`: with
     programmatic dependent launch, as gemv does on Hopper)."""
-    if _wide(qtype, n_tok, None):
-        return dict(_rows_config(qtype, n, k, rows_per_group), PDL=int(pdl))
+    if _wide(qtype, n_tok, k, None):
+        return _rows_config(qtype, n, k, rows_per_group, pdl)
     return gemv_config(n, k, rows_per_group, n_tok, int8=qtype in INT8_PATH)
 
 
@@ -319,5 +327,5 @@ def gemv_ref(
     """Torch reference with gemv's signature: float32 activations, rounded per 16 values where
     gemv's Q8_0 path does (`round16`: one token, or a rows tiling in `cfg`); the 2-4 bit
     formats' int8 rounding is the caller's."""
-    int8 = w.qtype == GQ.Q8_0 and _wide(w.qtype, x.shape[0], cfg)
+    int8 = w.qtype == GQ.Q8_0 and _wide(w.qtype, x.shape[0], w.shape[1], cfg)
     return ref.linear(round16(x) if int8 else x, w)
