@@ -86,6 +86,16 @@ def test_expert_tiles_cover_each_experts_rows_in_order():
     assert (dead[:, 1] == dead[:, 2]).all()
 
 
+def test_hopper_path_needs_8_byte_aligned_rows():
+    from ds4py.quant.triton import moe_hopper
+
+    g = _gen(6)
+    # IQ2_XXS rows of 512 are 132 bytes: their 8-byte loads would be misaligned
+    gate = random_qtensor(GQ.IQ2_XXS, (2, 256, 512), g)
+    down = random_qtensor(GQ.Q2_K, (2, 512, 256), g)
+    assert not moe_hopper.supported(gate, gate, down)
+
+
 def test_config_fits_small_experts_and_rejects_misfits():
     cfg = mp.moe_prefill_config(66, 4, 64, 512)
     assert 64 % cfg["BN_GU"] == 0 and 512 % cfg["BN_DOWN"] == 0
@@ -116,15 +126,16 @@ def test_kappa_order_gives_each_lane_sixteen_consecutive_columns():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("gate_t,down_t", [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K)])
-@pytest.mark.parametrize("n_exp,n_ff,dim,n_tok", [(4, 256, 512, 37), (16, 2048, 4096, 300)])
+@pytest.mark.parametrize("n_exp,n_ff,dim,n_tok", [(4, 512, 1024, 37), (16, 2048, 4096, 300)])
 def test_hopper_kernels_match_triton_kernels(gate_t, down_t, n_exp, n_ff, dim, n_tok):
     from ds4py.quant.triton import moe_hopper
 
     g = _gen(5)
     gate, up = (random_qtensor(gate_t, (n_exp, n_ff, dim), g) for _ in range(2))
     down = random_qtensor(down_t, (n_exp, dim, n_ff), g)
-    if not moe_hopper.supported(gate, up, down):
+    if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("not an sm_90 GPU")
+    assert moe_hopper.supported(gate, up, down)  # rows of these sizes are 8-byte aligned
     x = torch.randn(n_tok, dim, device=DEV, generator=g)
     ids = torch.rand(n_tok, n_exp, device=DEV, generator=g).topk(3, dim=-1).indices
     wts = torch.rand(n_tok, 3, device=DEV, generator=g)

@@ -37,12 +37,15 @@ BK = 64
 
 
 def supported(gate, up, down) -> bool:
-    """Whether these experts can take the Hopper kernels here."""
+    """Whether these experts can take the Hopper kernels here: sm_90, the 2-4 bit formats,
+    whole 256-value blocks, and rows 8-byte aligned (each 8 values come in one 8-byte load;
+    real IQ2_XXS rows of 4096 are 1056 bytes, Q2_K rows of 2048 are 672)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return False
     n_ff, dim = gate.shape[1], gate.shape[2]
-    shapes_ok = n_ff % 64 == 0 and dim % 64 == 0 and dim % 256 == 0 and n_ff % 256 == 0
-    return shapes_ok and gate.qtype in FORMATS and down.qtype in FORMATS
+    formats_ok = gate.qtype in FORMATS and up.qtype == gate.qtype and down.qtype in FORMATS
+    aligned = all(w.data.shape[-1] % 8 == 0 for w in (gate, up, down))
+    return formats_ok and aligned and n_ff % 256 == 0 and dim % 256 == 0
 
 
 @triton.jit
