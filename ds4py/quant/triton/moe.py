@@ -24,6 +24,7 @@ from ds4py.quant.triton.tiles import (
     INT8_PATH,
     dequant_tile,
     dequantize,
+    dp4a_add,
     f16_at,
     interpreting,
     iq2_octet_dot,
@@ -111,6 +112,169 @@ def _moe_gate_up_iq2_kernel(
 
 
 @triton.jit
+def _smem_tables(tabs, REP: tl.constexpr, NT: tl.constexpr):
+    """Copy the IQ2_XXS selector tables (tiles.tables: 256 grid words, 128 sign words) into a
+    shared array, REP copies of each word side by side, and return this lane's byte address
+    [NT] of its copy (lane % REP): with REP = 32 a warp's lookups never share a bank."""
+    tid = tl.arange(0, NT)  # one element per thread: the declaration is emitted once
+    if REP == 1:
+        base = tl.inline_asm_elementwise(
+            ".shared .align 16 .b32 iq2tab[384];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    elif REP == 4:
+        base = tl.inline_asm_elementwise(
+            ".shared .align 16 .b32 iq2tab[1536];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    elif REP == 8:
+        base = tl.inline_asm_elementwise(
+            ".shared .align 16 .b32 iq2tab[3072];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    elif REP == 16:
+        base = tl.inline_asm_elementwise(
+            ".shared .align 16 .b32 iq2tab[6144];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.static_assert(REP == 32, "REP: 1, 4, 8, 16 or 32 copies")
+        base = tl.inline_asm_elementwise(
+            ".shared .align 16 .b32 iq2tab[12288];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
+    for q in tl.static_range(384 // NT):
+        i = tid + q * NT
+        v = tl.load(tab32 + i)
+        for c4 in tl.static_range(max(REP // 4, 1)):
+            addr = base + (i * REP + 4 * c4) * 4
+            if REP == 1:
+                _st_shared(addr, v, v)
+            else:
+                _st_shared4(addr, v)
+    tl.debug_barrier()
+    return base
+
+
+@triton.jit
+def _st_shared(addr, v, dummy):
+    return tl.inline_asm_elementwise(
+        "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [addr, v], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _st_shared4(addr, v):
+    return tl.inline_asm_elementwise(
+        "st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r", [addr, v],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lane_base(like, REP: tl.constexpr):
+    """Byte address of this lane's table copy, for every element of `like`; not pure, so the
+    lookups that use it stay after the table fill."""
+    lane = tl.inline_asm_elementwise(
+        "mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=False, pack=1
+    )
+    base = tl.inline_asm_elementwise(
+        "mov.u32 $0, iq2tab;", "=r,r", [like], dtype=tl.int32, is_pure=False, pack=1
+    )
+    return base, 4 * (lane % REP)
+
+
+@triton.jit
+def _lds(addr):
+    return tl.inline_asm_elementwise(
+        "ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _mags(sel):
+    """Four signed weight bytes from selector nibbles (code | sign << 2; magnitudes 8, 25, 43)."""
+    return tl.inline_asm_elementwise(
+        "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=tl.int32, is_pure=True,
+        pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _octet_s(a, bu, S: tl.constexpr, xlo, xhi, acc, lb, tabs, REP: tl.constexpr,
+             EMULATE: tl.constexpr):  # fmt: skip
+    """acc + dot of octet S of IQ2_XXS groups (words a, bu) with int8 words xlo, xhi; the two
+    selector words come from the shared tables at lane base lb."""
+    if EMULATE:
+        acc = iq2_octet_dot(a, bu, S, xlo, xhi, acc, tabs, EMULATE)
+    else:
+        # lb: (table address, this lane's offset < 4 REP), so entry * 4 REP ORs in
+        gi = ((a >> (8 * S)) & 255) * (4 * REP)
+        si = ((bu >> (7 * S)) & 127).to(tl.int32) * (4 * REP)
+        tab, lane = lb
+        sel = _lds(tab + (lane | gi)) | _lds(tab + 1024 * REP + (lane | si))
+        acc = dp4a_add(_mags(sel), xlo, acc, EMULATE)
+        acc = dp4a_add(_mags(sel >> 16), xhi, acc, EMULATE)
+    return acc
+
+
+@triton.jit
+def _iq2_rows_s(w, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
+                W64: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """Dots [R] of IQ2_XXS rows at byte offsets row_off [R, 1] (split layout) with the token's
+    int8 activations ([1, G] words per 32-group); one load of every row's words up front keeps
+    R rows of bytes in flight per warp."""
+    if W64:  # rows 8-byte aligned: words A and B in one load
+        ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
+        a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
+    else:
+        wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
+        a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
+    d = f16_at(w + row_off + D // 4 + 2 * (gg // 8))
+    s = _octet_s(a, bu, 0, x0, x1, tl.zeros_like(a), lb, tabs, REP, EMULATE)
+    s = _octet_s(a, bu, 1, x2, x3, s, lb, tabs, REP, EMULATE)
+    s = _octet_s(a, bu, 2, x4, x5, s, lb, tabs, REP, EMULATE)
+    s = _octet_s(a, bu, 3, x6, x7, s, lb, tabs, REP, EMULATE)
+    s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
+    return tl.sum(s.to(tl.float32) * (d * xsv), axis=1) * 0.125
+
+
+@triton.jit
+def _moe_gate_up_iq2s_kernel(
+    xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
+    KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr, REP: tl.constexpr,
+    W64: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """IQ2_XXS gate/up, one warp per R rows of one slot: lane-owned whole 32-weight groups,
+    selector words from tables in shared memory (REP copies: fewer bank conflicts), prmt +
+    chained dp4a; [R, G] tensors so all rows' loads issue together."""
+    slot = tl.program_id(0)
+    r0 = tl.program_id(1) * R
+    e = tl.load(ids + slot).to(tl.int64)
+    t = (slot // KTOP).to(tl.int64)
+    gg = tl.arange(0, G)[None, :]
+    if EMULATE:
+        lb = gg, gg
+    else:
+        _smem_tables(tabs, REP, 32)
+        lb = _lane_base(gg, REP)
+    xw = xq + t * (D // 4) + 8 * gg
+    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
+    x4, x5, x6, x7 = tl.load(xw + 4), tl.load(xw + 5), tl.load(xw + 6), tl.load(xw + 7)
+    xsv = tl.load(xs + t * (D // 32) + gg)
+    rr = tl.arange(0, R)
+    row_off = ((e * F + r0 + rr) * RB)[:, None]
+    g = _iq2_rows_s(gate, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                    REP, EMULATE)  # fmt: skip
+    u = _iq2_rows_s(up, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                    REP, EMULATE)  # fmt: skip
+    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
+
+
+@triton.jit
 def _moe_down_kernel(
     h, hq, hs, hsum, ids, down, tabs, out, D, F, RB,
     KTOP: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -129,6 +293,250 @@ def _moe_down_kernel(
             acc = accumulate(acc, down, tabs, row_off, F, k0, hp, hqp, hsp, hsump, FMT, BK,
                              EMULATE)  # fmt: skip
     tl.store(out + t.to(tl.int64) * D + rows, tl.sum(acc, axis=1), mask=rows < D)
+
+
+@triton.jit
+def _dp4a_us(a, b, c, EMULATE: tl.constexpr):
+    """c + the four products of the unsigned bytes of a with the signed bytes of b."""
+    if EMULATE:
+        s = c
+        for j in tl.static_range(4):
+            s += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
+    else:
+        s = tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+    return s
+
+
+@triton.jit
+def _dp2a(a, b, c, HI: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the two signed 16-bit halves of a times bytes 2*HI, 2*HI+1 of b (signed)."""
+    if EMULATE:
+        b0 = (b << (24 - 16 * HI)) >> 24
+        b1 = (b << (16 - 16 * HI)) >> 24
+        s = c + ((a << 16) >> 16) * b0 + (a >> 16) * b1
+    elif HI:
+        s = tl.inline_asm_elementwise(
+            "dp2a.hi.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        s = tl.inline_asm_elementwise(
+            "dp2a.lo.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return s
+
+
+@triton.jit
+def _pack16(lo, hi):
+    """The low 16 bits of lo and of hi as one word (halves for dp2a)."""
+    return (lo & 0xFFFF) | (hi << 16)
+
+
+@triton.jit
+def _split4(v):
+    """[..., 4] words (one 16-byte load) -> the four [...] words."""
+    a, b = tl.split(tl.reshape(v, v.shape[:-1] + [2, 2]))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _words(ptr, mask, MASKED: tl.constexpr):
+    """The four int32 words [..., 4] at ptr [..., 1] (one 16-byte load where aligned)."""
+    p = ptr.to(tl.pointer_type(tl.int32)) + tl.arange(0, 4)
+    if MASKED:
+        v = tl.load(p, mask=mask, other=0)
+    else:
+        v = tl.load(p)
+    return _split4(v)
+
+
+@triton.jit
+def _word(ptr, mask, MASKED: tl.constexpr):
+    p = ptr.to(tl.pointer_type(tl.int32))
+    if MASKED:
+        v = tl.load(p, mask=mask, other=0)
+    else:
+        v = tl.load(p)
+    return tl.reshape(v, v.shape[:-1])  # drop the unit last dim, as split does
+
+
+@triton.jit
+def _sums4(x0, x1, x2, x3, EMULATE: tl.constexpr):
+    """Sum of the 16 int8 activations in four words."""
+    ones = tl.full(x0.shape, 0x01010101, tl.int32)
+    s = dp4a_add(x0, ones, tl.zeros_like(x0), EMULATE)
+    s = dp4a_add(x1, ones, s, EMULATE)
+    s = dp4a_add(x2, ones, s, EMULATE)
+    return dp4a_add(x3, ones, s, EMULATE)
+
+
+@triton.jit
+def _q2k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
+              EMULATE: tl.constexpr):  # fmt: skip
+    """Float dots of Q2_K units (128 weights: block c // 2, half c % 2) of the rows at `row`
+    [..., 1] with int8 activation words xw [..., 1] (32 per unit) and scales xsp (4 per unit):
+    bit planes masked in place and chained in dp4a (exact: a multiple of 4**p), the 4-bit
+    scales and mins of each 16-group pair applied by one dp2a each, floats once per 32."""
+    a0, a1, a2, a3 = _words(row + 32 * c, mask, MASKED)  # u = 0: bytes 0-15 of the unit
+    b0, b1, b2, b3 = _words(row + 32 * c + 16, mask, MASKED)  # u = 1
+    # scale bytes of (p, u): word p // 2, byte 2 (p % 2) + u; then d, dmin of block c // 2
+    sc_lo = _word(row + K // 4 + 8 * c, mask, MASKED)
+    sc_hi = _word(row + K // 4 + 8 * c + 4, mask, MASKED)
+    dmw = _word(row + K // 4 + K // 16 + 4 * (c // 2), mask, MASKED)
+    d = (dmw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (dmw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    xs0, xs1, xs2, xs3 = _split4(tl.load(xsp + tl.arange(0, 4)))
+    acc_d = tl.zeros_like(d)
+    acc_m = tl.zeros_like(d)
+    for p in tl.static_range(4):
+        # plane p: element 128h + 32p + 16u + 4m + k of the unit, activation word 8p + 4u + m
+        xa0, xa1, xa2, xa3 = _split4(tl.load(xw + 8 * p + tl.arange(0, 4)))
+        xb0, xb1, xb2, xb3 = _split4(tl.load(xw + 8 * p + 4 + tl.arange(0, 4)))
+        msk = tl.full(a0.shape, 0x03030303, tl.int32) << (2 * p)  # int32: plane 3 sets bit 31
+        s0 = _dp4a_us(a0 & msk, xa0, tl.zeros_like(a0), EMULATE)
+        s0 = _dp4a_us(a1 & msk, xa1, s0, EMULATE)
+        s0 = _dp4a_us(a2 & msk, xa2, s0, EMULATE)
+        s0 = _dp4a_us(a3 & msk, xa3, s0, EMULATE) >> (2 * p)
+        s1 = _dp4a_us(b0 & msk, xb0, tl.zeros_like(a0), EMULATE)
+        s1 = _dp4a_us(b1 & msk, xb1, s1, EMULATE)
+        s1 = _dp4a_us(b2 & msk, xb2, s1, EMULATE)
+        s1 = _dp4a_us(b3 & msk, xb3, s1, EMULATE) >> (2 * p)
+        q16 = _pack16(_sums4(xa0, xa1, xa2, xa3, EMULATE), _sums4(xb0, xb1, xb2, xb3, EMULATE))
+        scw = sc_lo if p < 2 else sc_hi
+        ia = _dp2a(_pack16(s0, s1), scw & 0x0F0F0F0F, tl.zeros_like(s0), p % 2, EMULATE)
+        ib = _dp2a(q16, (scw >> 4) & 0x0F0F0F0F, tl.zeros_like(s0), p % 2, EMULATE)
+        xsv = xs0 if p == 0 else (xs1 if p == 1 else (xs2 if p == 2 else xs3))
+        acc_d += ia.to(tl.float32) * xsv
+        acc_m += ib.to(tl.float32) * xsv
+    return d * acc_d - dmin * acc_m
+
+
+@triton.jit
+def _byte(w, J: tl.constexpr):
+    return (w >> (8 * J)) & 0xFF
+
+
+@triton.jit
+def _q4k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
+              EMULATE: tl.constexpr):  # fmt: skip
+    """As _q2k_unit for Q4_K units (128 weights: block c // 2, half h = c % 2, sub-blocks
+    4h .. 4h + 3): nibbles chained in dp4a per 32-sub-block, 6-bit scales and mins unpacked
+    four at a time as bytes (the half picks its set)."""
+    # the quant loads first: the layout of `row` follows its first (16-byte) use
+    q0, q1, q2, q3 = _words(row + 64 * c, mask, MASKED)  # pair 0: sub-blocks 0 (low), 1 (high)
+    q4, q5, q6, q7 = _words(row + 64 * c + 16, mask, MASKED)
+    r0, r1, r2, r3 = _words(row + 64 * c + 32, mask, MASKED)  # pair 1: sub-blocks 2, 3
+    r4, r5, r6, r7 = _words(row + 64 * c + 48, mask, MASKED)
+    scb = row + K // 2 + 12 * (c // 2)
+    w0, w1, w2 = (
+        _word(scb, mask, MASKED),
+        _word(scb + 4, mask, MASKED),
+        _word(scb + 8, mask, MASKED),
+    )
+    hi = tl.reshape((c % 2) == 1, c.shape[:-1])
+    sc4 = tl.where(hi, (w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030), w0 & 0x3F3F3F3F)
+    mn4 = tl.where(hi, ((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030), w1 & 0x3F3F3F3F)
+    dmw = _word(row + K // 2 + 12 * (K // 256) + 4 * (c // 2), mask, MASKED)
+    d = (dmw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (dmw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    xs0, xs1, xs2, xs3 = _split4(tl.load(xsp + tl.arange(0, 4)))
+    acc_d = tl.zeros_like(d)
+    acc_m = tl.zeros_like(d)
+    for pp in tl.static_range(2):  # 64-weight pair: 32 bytes, low nibbles then high nibbles
+        if pp == 1:
+            q0, q1, q2, q3, q4, q5, q6, q7 = r0, r1, r2, r3, r4, r5, r6, r7
+        for nib in tl.static_range(2):
+            j = 2 * pp + nib  # sub-block of the unit: activation words 8j .. 8j + 7
+            x0, x1, x2, x3 = _split4(tl.load(xw + 8 * j + tl.arange(0, 4)))
+            x4, x5, x6, x7 = _split4(tl.load(xw + 8 * j + 4 + tl.arange(0, 4)))
+            s = dp4a_add((q0 >> (4 * nib)) & 0x0F0F0F0F, x0, tl.zeros_like(q0), EMULATE)
+            s = dp4a_add((q1 >> (4 * nib)) & 0x0F0F0F0F, x1, s, EMULATE)
+            s = dp4a_add((q2 >> (4 * nib)) & 0x0F0F0F0F, x2, s, EMULATE)
+            s = dp4a_add((q3 >> (4 * nib)) & 0x0F0F0F0F, x3, s, EMULATE)
+            s = dp4a_add((q4 >> (4 * nib)) & 0x0F0F0F0F, x4, s, EMULATE)
+            s = dp4a_add((q5 >> (4 * nib)) & 0x0F0F0F0F, x5, s, EMULATE)
+            s = dp4a_add((q6 >> (4 * nib)) & 0x0F0F0F0F, x6, s, EMULATE)
+            s = dp4a_add((q7 >> (4 * nib)) & 0x0F0F0F0F, x7, s, EMULATE)
+            q32 = _sums4(x0, x1, x2, x3, EMULATE) + _sums4(x4, x5, x6, x7, EMULATE)
+            xsv = xs0 if j == 0 else (xs1 if j == 1 else (xs2 if j == 2 else xs3))
+            acc_d += (s * _byte(sc4, j)).to(tl.float32) * xsv  # |.| < 2**22: exact
+            acc_m += (q32 * _byte(mn4, j)).to(tl.float32) * xsv
+    return d * acc_d - dmin * acc_m
+
+
+@triton.jit
+def _kq_unit(row, c, xw, xsp, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr,
+             EMULATE: tl.constexpr):  # fmt: skip
+    if FMT == 10:
+        part = _q2k_unit(row, c, xw, xsp, mask, K, MASKED, EMULATE)
+    else:
+        part = _q4k_unit(row, c, xw, xsp, mask, K, MASKED, EMULATE)
+    return part
+
+
+@triton.jit
+def _moe_down_kq_kernel(
+    hq, hs, ids, down, out, D, RB,
+    F: tl.constexpr, KTOP: tl.constexpr, KT: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
+    FMT: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """Q2_K / Q4_K down rows for one token: tensors [R / G, KT, 32, .], the slots (KT = KTOP
+    rounded up to a power of two, the extra ones masked) along dim 1 so that warps take
+    different experts and all their loads are in flight at once; lane l holds 128-weight unit
+    l % U of row G * i + l // U (G = 32 / U), so activations ([1, KT, 32, .]) and weights share
+    a layout. The slots are summed by one reduction of fixed order (deterministic)."""
+    G: tl.constexpr = 32 // U
+    t = tl.program_id(0)
+    lane = tl.arange(0, 32)[None, None, :, None]
+    c = lane % U
+    rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
+    kk = tl.arange(0, KT)[None, :, None, None]
+    slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
+    e = tl.load(ids + slot).to(tl.int64)
+    row = down + (e * D + rows) * RB  # [R / G, KT, 32, 1]
+    xw = hq + slot * (F // 4) + 32 * c  # [1, KT, 32, 1] int32 words
+    xsp = hs + slot * (F // 32) + 4 * c
+    part = _kq_unit(row, c, xw, xsp, kk < KTOP, F, FMT, KT != KTOP, EMULATE)
+    acc = tl.sum(part, axis=1)  # [R / G, 32]
+    per_row = tl.sum(tl.reshape(acc, [R // G, G, U]), axis=2)  # lanes of a row are adjacent
+    orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
+    tl.store(out + t.to(tl.int64) * D + orow, per_row)
+
+
+@triton.jit
+def _moe_gate_up_kq_kernel(
+    xq, xs, ids, wts, gate, up_off, h, F, RB, clamp,
+    D: tl.constexpr, KTOP: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
+    FMT: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """Q2_K / Q4_K gate and up rows of one slot: tensors [R / G, 2, 32, .], gate and up along
+    dim 1 (separate warps with num_warps=2), lanes as in _moe_down_kq_kernel. up_off: bytes
+    from gate to up (a product keeps the loads' alignment known; a select loses it)."""
+    G: tl.constexpr = 32 // U
+    slot = tl.program_id(0)
+    t = (slot // KTOP).to(tl.int64)
+    e = tl.load(ids + slot).to(tl.int64)
+    lane = tl.arange(0, 32)[None, None, :, None]
+    c = lane % U
+    rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
+    mm = tl.arange(0, 2)[None, :, None, None]
+    row = gate + mm.to(tl.int64) * up_off + (e * F + rows) * RB  # [R / G, 2, 32, 1]
+    xw = xq + t * (D // 4) + 32 * c + 0 * mm  # each matrix (warp) its own copy: [1, 2, 32, 1]
+    xsp = xs + t * (D // 32) + 4 * c + 0 * mm
+    part = _kq_unit(row, c, xw, xsp, mm < 2, D, FMT, False, EMULATE)  # [R / G, 2, 32]
+    dots = tl.sum(tl.reshape(part, [R // G, 2, G, U]), axis=3)
+    m3 = tl.arange(0, 2)[None, :, None]
+    g = tl.sum(tl.where(m3 == 0, dots, 0.0), axis=1)
+    u = tl.sum(tl.where(m3 == 1, dots, 0.0), axis=1)
+    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
+    tl.store(h + slot.to(tl.int64) * F + orow, hv)
 
 
 def _check(x, ids, weights, gate, up, down) -> None:
@@ -160,9 +568,11 @@ def moe_decode(
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
     cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH,
-                                   qtype=gate.qtype)  # fmt: skip
+                                   qtype=gate.qtype, down_qtype=down.qtype)  # fmt: skip
     gu, dn = cfg["gate_up"], cfg["down"]
-    if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(down.qtype, dn, dim, n_ff):
+    if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(
+        down.qtype, dn, dim, n_ff, False
+    ):
         raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
     xo = act_operands(x, gate.qtype in INT8_PATH)
@@ -173,15 +583,31 @@ def moe_decode(
 
 
 def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
-    """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it)."""
+    """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it).
+
+    gu: (R, REP, num_warps) the IQ2_XXS kernel with shared tables (REP = 0: global tables),
+    else (BN, BK, num_warps) the generic kernel."""
     k, (_, n_ff, dim) = ids32.shape[1], gate.shape
     slots, emulate = ids32.numel(), interpreting()
-    if "R" in gu:
-        _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
-            xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
-            gate.data.shape[-1], float(clamp), KTOP=k, G=dim // 32,
-            W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate, **gu,
+    common = (xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
+              gate.data.shape[-1], float(clamp))  # fmt: skip
+    w64 = gate.data.shape[-1] % 8 == 0
+    if "R" in gu and gate.qtype != GQ.IQ2_XXS:
+        up_off = up.data.data_ptr() - gate.data.data_ptr()
+        _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
+            xo[0], xo[1], ids32, wts, gate.data, up_off, h, n_ff, gate.data.shape[-1],
+            float(clamp), D=dim, KTOP=k, U=dim // 128, FMT=int(gate.qtype), EMULATE=emulate,
+            **gu,
         )  # fmt: skip
+    elif "R" in gu and gu.get("REP", 8) == 0:
+        cfg = {key: v for key, v in gu.items() if key != "REP"}
+        _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
+            *common, KTOP=k, G=dim // 32, W64=w64, EMULATE=emulate, **cfg
+        )
+    elif "R" in gu:
+        _moe_gate_up_iq2s_kernel[(slots, n_ff // gu["R"])](
+            *common, KTOP=k, G=dim // 32, W64=w64, EMULATE=emulate, **{"REP": 8, **gu}
+        )
     else:
         _moe_gate_up_kernel[(slots, n_ff // gu["BN"])](
             x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
@@ -191,39 +617,62 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
 
 
 def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
-    """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho."""
+    """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho.
+
+    dn: (R, num_warps) the Q2_K kernel, else (BN, BK, num_warps) the generic kernel."""
     (n_tok, k), (_, dim, n_ff) = ids32.shape, down.shape
+    if "R" in dn:
+        _moe_down_kq_kernel[(n_tok, dim // dn["R"])](
+            ho[0], ho[1], ids32, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
+            KT=triton.next_power_of_2(k), U=n_ff // 128, FMT=int(down.qtype),
+            EMULATE=interpreting(), **dn,
+        )  # fmt: skip
+        return
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
         h, *ho, ids32, down.data, tabs, out, dim, n_ff, down.data.shape[-1], KTOP=k,
         FMT=int(down.qtype), AG=acc_groups(down.qtype, dn["BK"]), EMULATE=interpreting(), **dn,
     )  # fmt: skip
 
 
-def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int) -> bool:
-    if "R" in c:  # the IQ2_XXS gate/up kernel: whole rows, one 32-weight group per lane
+def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int, gate_up: bool = True) -> bool:
+    if "R" in c and gate_up and qtype == GQ.IQ2_XXS:  # whole rows, one group per lane
         g = cols // 32
-        return qtype == GQ.IQ2_XXS and cols % 256 == 0 and g & (g - 1) == 0 and rows % c["R"] == 0
+        return cols % 256 == 0 and g & (g - 1) == 0 and rows % c["R"] == 0
+    if "R" in c:  # the Q2_K / Q4_K kernels: 128-weight units, 32 / U rows per lane row
+        u = cols // 128
+        ok = qtype in (GQ.Q2_K, GQ.Q4_K) and cols % 256 == 0 and u & (u - 1) == 0 and u <= 32
+        return ok and c["R"] % (32 // u) == 0 and rows % c["R"] == 0
     int8_ok = qtype not in INT8_PATH or c["BK"] % 256 == 0
     return cols % c["BK"] == 0 and int8_ok and rows % c["BN"] == 0
 
 
 def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None = None,
                       num_warps: int | None = None, int8: bool = True,
-                      qtype: GQ | None = None) -> dict:  # fmt: skip
-    """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up experts of
-    a power-of-two width get their own kernel (R rows per program)."""
+                      qtype: GQ | None = None, down_qtype: GQ | None = None) -> dict:  # fmt: skip
+    """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up and
+    Q2_K/Q4_K experts that fit get their own kernels (tilings from the H200 sweep in
+    scripts/bench_moe_decode.py; the interpreter takes all rows in one program, since its cost
+    is per operation, not per element)."""
     gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
-    iq2 = dict(R=4, num_warps=1)  # H200 sweep: scripts/bench_moe_decode.py
-    # not in the interpreter: its cost grows with the unrolled rows (tests launch it directly)
-    if (
-        qtype == GQ.IQ2_XXS
-        and tile is None
-        and not interpreting()
-        and _tiles_fit(qtype, iq2, n_ff, dim)
-    ):
-        gate_up = iq2
     down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
+    if tile is None and num_warps is None:
+        gate_up = _own_config(qtype, n_ff, dim, True) or gate_up
+        down = _own_config(down_qtype, dim, n_ff, False) or down
     return dict(gate_up=gate_up, down=down)
+
+
+def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict | None:
+    """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits."""
+    emu = interpreting()
+    if qtype == GQ.IQ2_XXS and gate_up:
+        c = dict(R=min(rows, 256), REP=8) if emu else dict(R=4, REP=8, num_warps=1, maxnreg=128)
+    elif qtype in (GQ.Q2_K, GQ.Q4_K) and gate_up:
+        c = dict(R=min(rows, 256)) if emu else dict(R=4, num_warps=2)
+    elif qtype in (GQ.Q2_K, GQ.Q4_K):
+        c = dict(R=min(rows, 512)) if emu else dict(R=8, num_warps=8)
+    else:
+        return None
+    return c if _tiles_fit(qtype, c, rows, cols, gate_up) else None
 
 
 # ---- Prefill ---------------------------------------------------------------------------------

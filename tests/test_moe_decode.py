@@ -1,0 +1,146 @@
+"""Decode MoE kernels with their own inner loops (ds4py/quant/triton/moe.py) vs torch references.
+
+IQ2_XXS gate/up (shared-memory selector tables), Q2_K / Q4_K gate/up and down (128-weight units
+per lane, slots or matrices across warps), over small shapes with both one and several rows per
+lane row, masked slot counts (k not a power of two) and several tokens. Without CUDA they run in
+Triton's interpreter (integer emulation of dp4a / dp2a / prmt, tables in global memory). The
+kernels compute W @ x' exactly up to float32 sums, x' being the int8-rounded activations, so the
+reference is fed x' and the tolerance is 1e-5 (relative Frobenius); the whole call is also
+checked against plain f32 activations at 3e-2, as tests/test_quant_triton.py does.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GQ
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from ds4py.quant import ref  # noqa: E402
+from ds4py.quant.formats import random_qtensor  # noqa: E402
+from ds4py.quant.triton import tiles  # noqa: E402
+from ds4py.quant.triton.act import quantize_act  # noqa: E402
+from ds4py.quant.triton.gemv import act_operands  # noqa: E402
+from ds4py.quant.triton.moe import (  # noqa: E402
+    down_launch,
+    gate_up_launch,
+    moe_decode,
+    moe_decode_config,
+    moe_ref,
+)
+
+DEV = "cuda" if CUDA else "cpu"
+GRID = tiles.tables(DEV)
+CLAMP = 1.0
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _weight(qtype, shape, seed):
+    w = random_qtensor(qtype, shape, torch.Generator().manual_seed(seed), scale=0.1)
+    return tiles.prepared(w.to(DEV))
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 path sees it: int8 per 32 values times the scale."""
+    q, scale, _ = quantize_act(x.contiguous())
+    return (q.float().view(q.shape[0], -1, 32) * scale[..., None]).view_as(x)
+
+
+def _routing(n_tok, n_exp, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(n_tok)])
+    return ids.to(DEV).to(torch.int32), torch.rand(n_tok, k, generator=gen).to(DEV)
+
+
+def _gate_up_ref(x, ids, wts, gate, up):
+    """h [slots, n_ff] = w * swiglu(gate[e] x', up[e] x') per (token, slot), x' int8-rounded."""
+    xr, k = _rounded(x), ids.shape[1]
+    rows = []
+    for s, e in enumerate(ids.reshape(-1).tolist()):
+        xe = xr[s // k]
+        g, u = ref.dense_weight(gate[e]) @ xe, ref.dense_weight(up[e]) @ xe
+        rows.append(ref.swiglu(g, u, CLAMP) * wts.reshape(-1)[s])
+    return torch.stack(rows)
+
+
+def _down_ref(h, ids, down):
+    """out [T, dim] = sum over the token's slots of down[e] @ h', h' int8-rounded."""
+    hr, k = _rounded(h), ids.shape[1]
+    out = torch.zeros(ids.shape[0], down.shape[1], device=h.device)
+    for s, e in enumerate(ids.reshape(-1).tolist()):
+        out[s // k] += ref.dense_weight(down[e]) @ hr[s]
+    return out
+
+
+@pytest.mark.parametrize("qtype", [GQ.Q2_K, GQ.Q4_K])
+@pytest.mark.parametrize(
+    "n_ff,dim,k,n_tok,rows",  # rows per program; 32 / (n_ff / 128) rows share a lane row
+    [(256, 64, 3, 1, 64), (512, 32, 2, 2, 32), (1024, 16, 4, 1, 16)],
+)
+def test_down_kernel_matches_reference(qtype, n_ff, dim, k, n_tok, rows):
+    down = _weight(qtype, (5, dim, n_ff), 3)
+    ids, _ = _routing(n_tok, 5, k, seed=n_ff)
+    h = torch.randn(n_tok * k, n_ff, generator=torch.Generator().manual_seed(1)).to(DEV)
+    got = torch.empty(n_tok, dim, device=DEV)
+    down_launch(h, act_operands(h, True), ids, down, GRID, got, dict(R=rows, num_warps=4))
+    assert _rel(got, _down_ref(h, ids, down)) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", [GQ.Q2_K, GQ.Q4_K])
+@pytest.mark.parametrize("n_ff,dim,rows", [(32, 512, 16), (16, 1024, 16), (8, 4096, 8)])
+def test_gate_up_kq_kernel_matches_reference(qtype, n_ff, dim, rows):
+    gate, up = _weight(qtype, (3, n_ff, dim), 1), _weight(qtype, (3, n_ff, dim), 2)
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ids, wts = _routing(2, 3, 2, seed=dim)
+    got = torch.empty(4, n_ff, device=DEV)
+    gate_up_launch(x, act_operands(x, True), ids, wts, gate, up, GRID, got, CLAMP,
+                   dict(R=rows, num_warps=2))  # fmt: skip
+    assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
+
+
+@pytest.mark.parametrize("rep", [1, 8])
+@pytest.mark.parametrize("dim", [512, 1024])  # rows 4- and 8-byte aligned (word / pair loads)
+def test_gate_up_iq2_shared_tables_match_reference(rep, dim):
+    gate, up = (_weight(GQ.IQ2_XXS, (3, 8, dim), s) for s in (1, 2))
+    x = torch.randn(1, dim, generator=torch.Generator().manual_seed(3)).to(DEV)
+    ids, wts = _routing(1, 3, 2, seed=4)
+    got = torch.empty(2, 8, device=DEV)
+    gate_up_launch(x, act_operands(x, True), ids, wts, gate, up, GRID, got, CLAMP,
+                   dict(R=4, REP=rep, num_warps=1))  # fmt: skip
+    assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
+
+
+@pytest.mark.parametrize("gate_t,down_t", [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K)])
+def test_moe_decode_default_kernels_match_reference(gate_t, down_t):
+    n_ff, dim = 256, 512
+    cfg = moe_decode_config(2, 3, n_ff, dim, qtype=gate_t, down_qtype=down_t)
+    assert "R" in cfg["gate_up"] and "R" in cfg["down"]  # the dedicated kernels
+    gate, up = _weight(gate_t, (4, n_ff, dim), 1), _weight(gate_t, (4, n_ff, dim), 2)
+    down = _weight(down_t, (4, dim, n_ff), 3)
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(5)).to(DEV)
+    ids, wts = _routing(2, 4, 3, seed=6)
+    got = moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID)
+    h = _gate_up_ref(x, ids, wts, gate, up)
+    assert _rel(got, _down_ref(h, ids, down)) < 1e-4  # h' may round differently at ties
+    assert _rel(got, moe_ref(x, ids, wts, gate, up, down, CLAMP)) < 3e-2
+    assert torch.equal(moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID), got)
+
+
+def test_moe_decode_rejects_tiles_that_do_not_fit():
+    down = _weight(GQ.Q4_K, (2, 512, 256), 3)
+    gate, up = _weight(GQ.Q4_K, (2, 256, 512), 1), _weight(GQ.Q4_K, (2, 256, 512), 2)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(0)).to(DEV)
+    ids, wts = _routing(1, 2, 2, seed=0)
+    bad = dict(gate_up=dict(R=3, num_warps=2), down=dict(R=8, num_warps=8))  # 3 rows: no fit
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID, bad)
