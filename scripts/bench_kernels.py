@@ -2,9 +2,9 @@
 """Microbenchmark of the quantized-weight Triton kernels at DeepSeek V4 Flash shapes (CUDA).
 
 Owns: the numbers in docs/PERFORMANCE.md "Kernels": device-to-device copy bandwidth, decode GEMV
-and decode MoE time / GB/s / % of copy bandwidth, prefill GEMM and grouped-expert GEMM TFLOP/s,
-plus a correctness check of every kernel against its torch reference on the GPU. Each tiling
-candidate is timed and the best and the default are reported. Does not own the kernels.
+and decode MoE time / GB/s / % of copy bandwidth, dense prefill GEMM TFLOP/s (the expert GEMMs
+are scripts/bench_moe_prefill.py's), plus a correctness check of every kernel against its torch
+reference on the GPU. Each tiling candidate is timed and the best and the default are reported. Does not own the kernels.
 Usage: python scripts/bench_kernels.py [--out DIR] [--tests] [--quick]
 """
 
@@ -53,8 +53,6 @@ from ds4py.quant.triton.gemv import (  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     moe_decode,
     moe_decode_config,
-    moe_prefill,
-    moe_prefill_config,
 )
 from ds4py.quant.triton.tiles import INT8_PATH, prepared, tables  # noqa: E402
 
@@ -62,7 +60,7 @@ DEV = torch.device("cuda")
 L2_DEFEAT_BYTES = 512 << 20  # rotate buffers so a timed call never finds its weight in L2
 # relative Frobenius error vs the f32 torch reference; int8-activation GEMVs are compared with
 # the reference fed the same int8-rounded activations (exact up to f32 sums)
-TOL = {"gemv": 1e-4, "moe_decode": 1e-4, "moe_decode_int8": 3e-2, "gemm": 1e-2, "moe_prefill": 2e-2}
+TOL = {"gemv": 1e-4, "moe_decode": 1e-4, "moe_decode_int8": 3e-2, "gemm": 1e-2}
 
 # ---- Timing ----------------------------------------------------------------------------------
 
@@ -229,39 +227,6 @@ def bench_gemm(name, qtype, n, k, m, rows, grid):
     _report_flops(rows, "gemm", name, qtype, m, flops, results)
 
 
-def bench_moe_prefill(name, gate_t, down_t, n_tok, n_used, rows, grid, k=6, n_exp=256,
-                      n_ff=2048, dim=4096):  # fmt: skip
-    gate = weight(gate_t, (n_exp, n_ff, dim), 1)
-    up = weight(gate_t, (n_exp, n_ff, dim), 2)
-    down = weight(down_t, (n_exp, dim, n_ff), 3)
-    gen = torch.Generator().manual_seed(1)
-    if n_used == k:  # every token picks the same 6 experts: 2048 rows per expert
-        ids = torch.arange(k).repeat(n_tok, 1)
-    else:
-        ids = torch.stack([torch.randperm(n_used, generator=gen)[:k] for _ in range(n_tok)])
-    ids = ids.to(DEV)
-    x = torch.randn(n_tok, dim, device=DEV)
-    wts = torch.rand(n_tok, k, device=DEV)
-    want = ref.moe(x, ids, wts, gate, up, down, 10.0)
-    base = moe_prefill_config(n_tok * k, n_used)
-    cands = [base] + [
-        dict(base, BM=128, BN_GU=64, BN_DOWN=128, num_warps=8),
-        dict(base, BM=128, BN_GU=128, BN_DOWN=128, num_warps=8),
-        dict(base, BM=256, BN_GU=64, BN_DOWN=128, num_warps=8),
-        dict(base, BM=64, BN_GU=64, BN_DOWN=128, num_warps=4),
-    ]
-    results = []
-    for cfg in cands:
-        try:
-            err = rel_err(moe_prefill(x, ids, wts, gate, up, down, 10.0, grid, cfg), want)
-            call = lambda c=cfg: moe_prefill(x, ids, wts, gate, up, down, 10.0, grid, c)
-            results.append((time_eager(call), cfg, err))
-        except Exception as exc:
-            print(f"  moe_prefill cfg {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
-    flops = 2 * n_tok * k * 3 * n_ff * dim
-    _report_flops(rows, "moe_prefill", name, gate_t, n_tok, flops, results)
-
-
 def _report_flops(rows, kernel, name, qtype, n_tok, flops, results):
     best = min(results, key=lambda r: r[0])
     row = dict(kernel=kernel, shape=name, qtype=qtype.name, tokens=n_tok, ms=best[0] * 1e3,
@@ -281,8 +246,7 @@ def kernel_resources() -> list[dict]:
     from ds4py.quant.triton import moe as moe_mod
 
     kernels = [gemv_mod._gemv_kernel, gemm_mod._gemm_kernel, moe_mod._moe_gate_up_kernel,
-               moe_mod._moe_down_kernel, moe_mod._grouped_gate_up_kernel,
-               moe_mod._grouped_down_kernel]  # fmt: skip
+               moe_mod._moe_down_kernel]  # fmt: skip
     out = []
     for kern in kernels:
         for cache in getattr(kern, "device_caches", {}).values():
@@ -398,10 +362,6 @@ def main() -> None:
         bench_gemm("attn_q_b 1024->32768", GQ.Q8_0, 32768, 1024, 2048, rows, grid)
         bench_gemm("attn_output_b 8192->4096", GQ.Q8_0, 4096, 8192, 2048, rows, grid)
         bench_gemm("shexp 4096->2048", GQ.Q8_0, 2048, 4096, 2048, rows, grid)
-        for name, gt, dt in (("q2 6 experts x 2048 tok", GQ.IQ2_XXS, GQ.Q2_K),
-                             ("q4 6 experts x 2048 tok", GQ.Q4_K, GQ.Q4_K)):  # fmt: skip
-            bench_moe_prefill(name, gt, dt, 2048, 6, rows, grid)
-        bench_moe_prefill("q2 2048 tok top-6 of 256", GQ.IQ2_XXS, GQ.Q2_K, 2048, 256, rows, grid)
     try:
         resources = kernel_resources()
     except Exception as exc:  # introspection differs between Triton versions

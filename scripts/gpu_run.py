@@ -6,6 +6,7 @@ Stages (each guarded; results go to OUT/results.json, logs to stdout):
   full     43-layer q2 model made on the GPU: memory, prefill at 8K, decode at 4K/32K/128K/1M
            (beyond the prefilled frontier the cache is filled with random rows: the speed of a
            step does not depend on the values), bench CSV, a decode-step profile
+  speed    the same model: one timed 8K prefill, decode at 4K/128K/1M (a short device budget)
 Usage: python scripts/gpu_run.py OUT stage [stage...]
 """
 
@@ -203,6 +204,34 @@ def stage_full():
     (OUT / "bench_full_q2.csv").write_text(to_csv(rows))
 
 
+def stage_speed():
+    """`full` without profiles and bench: prefill 8K, decode at 4K / 32K / 128K / 1M."""
+    shape = flash(43)
+    eng = Engine.synthetic(shape, device="cuda", seed=5)
+    res = RESULTS.setdefault("speed", {})
+    ids = ids_for(8192 + 64, shape.n_vocab, 6)
+    sess = eng.new_session(16384)
+    sess.sync(ids[:8192])  # warm: compiles the prefill shapes
+    sess.rewind(0)
+    sync()
+    t0 = time.perf_counter()
+    sess.sync(ids[:8192])
+    sync()
+    res["prefill_8k_tps"] = 8192 / (time.perf_counter() - t0)
+    log("prefill 8k", res["prefill_8k_tps"])
+    sess.rewind(4096)
+    res["decode_4k_tps"] = 1 / time_decode(sess, 64)
+    log("decode 4k", res["decode_4k_tps"], "graph", sess._decoder.graph is not None)
+    del sess
+    for ctx in (131072, 1048576):
+        s2 = eng.new_session(ctx)
+        fill(s2, ctx - 256)
+        res[f"decode_{ctx}_tps"] = 1 / time_decode(s2, 16)
+        log("decode", ctx, res[f"decode_{ctx}_tps"])
+        del s2
+        torch.cuda.empty_cache()
+
+
 def prof_prefill(sess, ids):
     from torch.profiler import ProfilerActivity, profile
 
@@ -231,43 +260,12 @@ def prof(sess):
     log(table[:4000])
 
 
-def stage_moe():
-    """Routed-expert prefill at the real q2 shapes: tile-decoding vs bf16 expert copies."""
-    from gguf import GGMLQuantizationType as GQ
-
-    from ds4py.quant.formats import random_qtensor
-    from ds4py.quant.triton.backend import TritonOps
-    from ds4py.quant.triton.moe import moe_prefill
-
-    ops, g = TritonOps("cuda"), torch.Generator("cuda").manual_seed(0)
-
-    gate, up, down = (
-        ops.prepare(random_qtensor(t, shp, g, scale=0.02))
-        for t, shp in ((GQ.IQ2_XXS, (256, 2048, 4096)),) * 2 + ((GQ.Q2_K, (256, 4096, 2048)),)
-    )
-    out = {}
-    for n in (2048, 8192):
-        x = torch.randn(n, 4096, device="cuda", generator=g)
-        ids = torch.rand(n, 256, device="cuda", generator=g).topk(6, dim=-1).indices
-        wts = torch.rand(n, 6, device="cuda", generator=g)
-        flops = 3 * 2 * n * 6 * 4096 * 2048
-        for group in (0, 32, 64, 128):
-            ts = []
-            for _ in range(4):  # the first compiles
-                t0 = time.perf_counter()
-                moe_prefill(x, ids, wts, gate, up, down, 10.0, ops.tabs, dense_group=group)
-                sync()
-                ts.append(time.perf_counter() - t0)
-            t = min(ts[1:])
-            out[f"T{n}_group{group}"] = {"ms": t * 1e3, "tflops": flops / t / 1e12}
-            log("moe", n, group, out[f"T{n}_group{group}"])
-        ref = moe_prefill(x, ids, wts, gate, up, down, 10.0, ops.tabs)
-        dense = moe_prefill(x, ids, wts, gate, up, down, 10.0, ops.tabs, dense_group=64)
-        out[f"T{n}_dense_vs_tiles_rel"] = float((dense - ref).norm() / ref.norm())
-    RESULTS["moe"] = out
-
-
-STAGES = {"check": stage_check, "width": stage_width, "full": stage_full, "moe": stage_moe}
+STAGES = {
+    "check": stage_check,
+    "width": stage_width,
+    "full": stage_full,
+    "speed": stage_speed,
+}
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from ds4py.quant.triton.act import quantize_act, quantize_act_ref  # noqa: E402
 from ds4py.quant.triton.backend import TritonOps  # noqa: E402
 from ds4py.quant.triton.gemm import gemm, gemm_ref  # noqa: E402
 from ds4py.quant.triton.gemv import act_operands, gemv, gemv_ref  # noqa: E402
-from ds4py.quant.triton.moe import gate_up_launch, moe_decode, moe_prefill, moe_ref  # noqa: E402
+from ds4py.quant.triton.moe import gate_up_launch, moe_decode, moe_ref  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 GRID = tiles.tables(DEV)
@@ -135,22 +135,6 @@ def test_moe_gate_up_iq2_kernel_matches_generic(dim):
     gate_up_launch(x, xo, ids32, wts, gate, up, GRID, got, 1.0, dict(R=4, num_warps=1))
     gate_up_launch(x, xo, ids32, wts, gate, up, GRID, want, 1.0, dict(BN=8, BK=256, num_warps=2))
     assert _rel(got, want) < 1e-5
-
-
-@pytest.mark.parametrize("gate_t,down_t", EXPERTS)
-def test_moe_prefill(gate_t, down_t):
-    gate, up, down = _experts(gate_t, down_t)
-    x = _randn(11, 512, seed=6)
-    ids, wts = _routing(11, 6, 3, seed=7)
-    got = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)
-    assert _rel(got, moe_ref(x, ids, wts, gate, up, down, 1.0)) < 2e-2
-    assert torch.equal(moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID), got)
-    # experts dequantized to bf16 copies, two at a time; experts 2, 3 (one group) get no token
-    ids = torch.tensor([0, 1, 4, 5], device=ids.device)[_routing(11, 4, 3, seed=8)[0]]
-    want = moe_ref(x, ids, wts, gate, up, down, 1.0)
-    dense = moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID, dense_group=2)
-    assert _rel(dense, want) < 2e-2
-    assert _rel(dense, moe_prefill(x, ids, wts, gate, up, down, 1.0, GRID)) < 1e-2
 
 
 def test_dequantize_bf16_experts_equal_reference():
