@@ -43,21 +43,15 @@ from ds4py.quant.triton.moe import (  # noqa: E402
 from ds4py.quant.triton.tiles import tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
-# IQ2_XXS gate/up: R rows per one-warp program, REP copies of the shared tables (0: the
-# previous kernel, global tables), maxnreg caps registers (more warps per SM)
-IQ2_GATE_UP = [
-    dict(R=4, REP=0, num_warps=1),
-    dict(R=4, REP=1, num_warps=1),
-    dict(R=4, REP=4, num_warps=1, maxnreg=128),
-    dict(R=4, REP=8, num_warps=1, maxnreg=128),
-    dict(R=4, REP=4, num_warps=1, maxnreg=96),
-    dict(R=4, REP=8, num_warps=1, maxnreg=96),
-    dict(R=2, REP=4, num_warps=1),
-    dict(R=2, REP=8, num_warps=1),
-]
-# Q2_K / Q4_K: R rows per program; down: slots across warps, gate/up: gate and up across warps
-KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((4, 2), (2, 2), (8, 2), (2, 1), (4, 1))]
-KQ_DOWN = [dict(R=r, num_warps=w) for r, w in ((4, 8), (8, 8), (16, 8), (2, 8), (4, 4), (8, 4))]
+# tilings swept besides the defaults (H200 results: docs/PERFORMANCE.md)
+IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((2, 1), (8, 2), (8, 4), (16, 4))]
+KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2))]
+# down: R rows per program, the slots in chunks of KC (in registers, or across the warps)
+KQ_DOWN = [
+    dict(R=r, num_warps=w, KC=kc)
+    for r, w, kc in ((2, 1, 1), (4, 1, 1), (2, 1, 2), (4, 1, 2), (8, 2, 2), (2, 1, 8),
+                     (16, 8, 8))
+]  # fmt: skip
 
 
 def _experts(gate_t: GQ, down_t: GQ) -> tuple[QTensor, QTensor, QTensor]:

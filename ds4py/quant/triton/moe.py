@@ -1,9 +1,9 @@
 """Routed-expert FFN on GGUF-encoded expert tensors: decode (few tokens) and prefill (grouped).
 
 Owns: out[t] = sum_i down[e] @ (w[t,i] * silu(min(gate[e] x, c)) * clamp(up[e] x, -c, c)),
-e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: one launch
-does every selected expert's gate+up+SwiGLU, a second one down row block per token summing its
-k experts in slot order (per-format dots from rowdot.py; int8 activations for 2-4 bit experts).
+e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: gate+up+
+SwiGLU per slot, then down per token summing its k experts in a fixed order; IQ2_XXS gate/up and
+Q2_K/Q4_K get their own inner loops (lanes own whole groups, dp4a/dp2a), other types rowdot.py's.
 Prefill: slots sorted by expert, grouped bf16 GEMMs. No float atomics anywhere, so results are
 deterministic. Expert tensors are read in split layout. Does not own: routing (the model).
 """
@@ -65,125 +65,34 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
-def _iq2_row(w, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
-             W64: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """Dot of one IQ2_XXS row (split layout) with the token's int8 activations; each thread
-    takes whole 32-weight groups, so shifts are constants and the int sums chain in dp4a."""
-    if W64:  # rows 8-byte aligned: words A and B in one load
-        ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
-        a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
-    else:
-        wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
-        a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
-    s = iq2_octet_dot(a, bu, 0, x0, x1, tl.zeros_like(a), tabs, EMULATE)
-    s = iq2_octet_dot(a, bu, 1, x2, x3, s, tabs, EMULATE)
-    s = iq2_octet_dot(a, bu, 2, x4, x5, s, tabs, EMULATE)
-    s = iq2_octet_dot(a, bu, 3, x6, x7, s, tabs, EMULATE)
-    s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
-    d = f16_at(w + row_off + D // 4 + 2 * (gg // 8))
-    return tl.sum(s.to(tl.float32) * d * xsv, axis=0) * 0.125
-
-
-@triton.jit
-def _moe_gate_up_iq2_kernel(
-    xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
-    KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    W64: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    slot = tl.program_id(0)
-    r0 = tl.program_id(1) * R
-    e = tl.load(ids + slot).to(tl.int64)
-    t = (slot // KTOP).to(tl.int64)
-    gg = tl.arange(0, G)
-    xw = xq + t * (D // 4) + 8 * gg
-    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
-    x4, x5, x6, x7 = tl.load(xw + 4), tl.load(xw + 5), tl.load(xw + 6), tl.load(xw + 7)
-    xsv = tl.load(xs + t * (D // 32) + gg)
-    rr = tl.arange(0, R)
-    out = tl.zeros([R], dtype=tl.float32)
-    for r in tl.static_range(R):
-        row_off = (e * F + r0 + r) * RB
-        g = _iq2_row(gate, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                     EMULATE)  # fmt: skip
-        u = _iq2_row(up, tabs, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                     EMULATE)  # fmt: skip
-        out = tl.where(rr == r, _clamped_swiglu(g, u, clamp), out)
-    tl.store(h + slot.to(tl.int64) * F + r0 + rr, out * tl.load(wts + slot))
-
-
-@triton.jit
-def _smem_tables(tabs, REP: tl.constexpr, NT: tl.constexpr):
-    """Copy the IQ2_XXS selector tables (tiles.tables: 256 grid words, 128 sign words) into a
-    shared array, REP copies of each word side by side, and return this lane's byte address
-    [NT] of its copy (lane % REP): with REP = 32 a warp's lookups never share a bank."""
-    tid = tl.arange(0, NT)  # one element per thread: the declaration is emitted once
-    if REP == 1:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2tab[384];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    elif REP == 4:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2tab[1536];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    elif REP == 8:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2tab[3072];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    elif REP == 16:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2tab[6144];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    else:
-        tl.static_assert(REP == 32, "REP: 1, 4, 8, 16 or 32 copies")
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2tab[12288];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
-    for q in tl.static_range(384 // NT):
-        i = tid + q * NT
-        v = tl.load(tab32 + i)
-        for c4 in tl.static_range(max(REP // 4, 1)):
-            addr = base + (i * REP + 4 * c4) * 4
-            if REP == 1:
-                _st_shared(addr, v, v)
-            else:
-                _st_shared4(addr, v)
-    tl.debug_barrier()
-    return base
-
-
-@triton.jit
-def _st_shared(addr, v, dummy):
-    return tl.inline_asm_elementwise(
-        "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [addr, v], dtype=tl.int32,
-        is_pure=False, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _st_shared4(addr, v):
-    return tl.inline_asm_elementwise(
-        "st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r", [addr, v],
+def _smem_tables(tabs):
+    """Copy the IQ2_XXS selector tables (tiles.tables: 256 grid words, then 128 sign words)
+    into shared memory, declared in inline PTX (Triton has no shared-array gather): a warp's
+    random lookups there cost ~3 bank cycles against ~6-8 L1 wavefronts from global memory,
+    which bounded the global-table kernel (24.0 vs 18.6 us at the q2 shapes on the H200)."""
+    tid = tl.arange(0, 32)  # one element per thread of a warp: the declaration is emitted once
+    base = tl.inline_asm_elementwise(
+        ".shared .align 16 .b32 iq2tab[384];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
         dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
+    tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
+    for q in tl.static_range(12):  # more warps store the same words again: harmless
+        i = tid + 32 * q
+        word = tl.load(tab32 + i)
+        tl.inline_asm_elementwise(
+            "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * i, word],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    tl.debug_barrier()
 
 
 @triton.jit
-def _lane_base(like, REP: tl.constexpr):
-    """Byte address of this lane's table copy, for every element of `like`; not pure, so the
-    lookups that use it stay after the table fill."""
-    lane = tl.inline_asm_elementwise(
-        "mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=False, pack=1
-    )
-    base = tl.inline_asm_elementwise(
+def _table_base(like):
+    """The shared table's address for every element of `like`; not pure, so the lookups that
+    depend on it stay after the fill and its barrier."""
+    return tl.inline_asm_elementwise(
         "mov.u32 $0, iq2tab;", "=r,r", [like], dtype=tl.int32, is_pure=False, pack=1
     )
-    return base, 4 * (lane % REP)
 
 
 @triton.jit
@@ -203,29 +112,27 @@ def _mags(sel):
 
 
 @triton.jit
-def _octet_s(a, bu, S: tl.constexpr, xlo, xhi, acc, lb, tabs, REP: tl.constexpr,
-             EMULATE: tl.constexpr):  # fmt: skip
-    """acc + dot of octet S of IQ2_XXS groups (words a, bu) with int8 words xlo, xhi; the two
-    selector words come from the shared tables at lane base lb."""
+def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, tabs, EMULATE: tl.constexpr):
+    """acc + dot of octet S of IQ2_XXS groups (words a, bu) with int8 words xlo, xhi: two
+    selector words (grid codes, signs) from the shared table at `tab` OR into one `prmt`
+    selector; the interpreter reads the same tables from global memory (tiles.py)."""
     if EMULATE:
         acc = iq2_octet_dot(a, bu, S, xlo, xhi, acc, tabs, EMULATE)
     else:
-        # lb: (table address, this lane's offset < 4 REP), so entry * 4 REP ORs in
-        gi = ((a >> (8 * S)) & 255) * (4 * REP)
-        si = ((bu >> (7 * S)) & 127).to(tl.int32) * (4 * REP)
-        tab, lane = lb
-        sel = _lds(tab + (lane | gi)) | _lds(tab + 1024 * REP + (lane | si))
+        gi = ((a >> (8 * S)) & 255) * 4
+        si = ((bu >> (7 * S)) & 127).to(tl.int32) * 4
+        sel = _lds(tab + gi) | _lds(tab + 1024 + si)
         acc = dp4a_add(_mags(sel), xlo, acc, EMULATE)
         acc = dp4a_add(_mags(sel >> 16), xhi, acc, EMULATE)
     return acc
 
 
 @triton.jit
-def _iq2_rows_s(w, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
-                W64: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+def _iq2_rows(w, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
+              W64: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
     """Dots [R] of IQ2_XXS rows at byte offsets row_off [R, 1] (split layout) with the token's
-    int8 activations ([1, G] words per 32-group); one load of every row's words up front keeps
-    R rows of bytes in flight per warp."""
+    int8 activations ([1, G] words per 32-group, whole groups per lane so every shift is a
+    constant); one load of all rows' words up front keeps R rows in flight per warp."""
     if W64:  # rows 8-byte aligned: words A and B in one load
         ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
         a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
@@ -233,43 +140,42 @@ def _iq2_rows_s(w, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7
         wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
         a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
     d = f16_at(w + row_off + D // 4 + 2 * (gg // 8))
-    s = _octet_s(a, bu, 0, x0, x1, tl.zeros_like(a), lb, tabs, REP, EMULATE)
-    s = _octet_s(a, bu, 1, x2, x3, s, lb, tabs, REP, EMULATE)
-    s = _octet_s(a, bu, 2, x4, x5, s, lb, tabs, REP, EMULATE)
-    s = _octet_s(a, bu, 3, x6, x7, s, lb, tabs, REP, EMULATE)
+    s = _iq2_octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 1, x2, x3, s, tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 2, x4, x5, s, tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 3, x6, x7, s, tab, tabs, EMULATE)
     s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
     return tl.sum(s.to(tl.float32) * (d * xsv), axis=1) * 0.125
 
 
 @triton.jit
-def _moe_gate_up_iq2s_kernel(
+def _moe_gate_up_iq2_kernel(
     xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
-    KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr, REP: tl.constexpr,
-    W64: tl.constexpr, EMULATE: tl.constexpr,
+    KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr, W64: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """IQ2_XXS gate/up, one warp per R rows of one slot: lane-owned whole 32-weight groups,
-    selector words from tables in shared memory (REP copies: fewer bank conflicts), prmt +
-    chained dp4a; [R, G] tensors so all rows' loads issue together."""
+    """IQ2_XXS gate/up: R rows of one slot per program ([R, G] tensors), selector tables in
+    shared memory, prmt-built weight bytes and chained dp4a (~2.4 SASS instructions/weight)."""
     slot = tl.program_id(0)
     r0 = tl.program_id(1) * R
     e = tl.load(ids + slot).to(tl.int64)
     t = (slot // KTOP).to(tl.int64)
     gg = tl.arange(0, G)[None, :]
     if EMULATE:
-        lb = gg, gg
+        tab = gg
     else:
-        _smem_tables(tabs, REP, 32)
-        lb = _lane_base(gg, REP)
+        _smem_tables(tabs)
+        tab = _table_base(gg)
     xw = xq + t * (D // 4) + 8 * gg
     x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
     x4, x5, x6, x7 = tl.load(xw + 4), tl.load(xw + 5), tl.load(xw + 6), tl.load(xw + 7)
     xsv = tl.load(xs + t * (D // 32) + gg)
     rr = tl.arange(0, R)
     row_off = ((e * F + r0 + rr) * RB)[:, None]
-    g = _iq2_rows_s(gate, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                    REP, EMULATE)  # fmt: skip
-    u = _iq2_rows_s(up, tabs, lb, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                    REP, EMULATE)  # fmt: skip
+    g = _iq2_rows(gate, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                  EMULATE)  # fmt: skip
+    u = _iq2_rows(up, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
+                  EMULATE)  # fmt: skip
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
@@ -483,27 +389,29 @@ def _kq_unit(row, c, xw, xsp, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: 
 @triton.jit
 def _moe_down_kq_kernel(
     hq, hs, ids, down, out, D, RB,
-    F: tl.constexpr, KTOP: tl.constexpr, KT: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
+    F: tl.constexpr, KTOP: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
     FMT: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """Q2_K / Q4_K down rows for one token: tensors [R / G, KT, 32, .], the slots (KT = KTOP
-    rounded up to a power of two, the extra ones masked) along dim 1 so that warps take
-    different experts and all their loads are in flight at once; lane l holds 128-weight unit
-    l % U of row G * i + l // U (G = 32 / U), so activations ([1, KT, 32, .]) and weights share
-    a layout. The slots are summed by one reduction of fixed order (deterministic)."""
+    """Q2_K / Q4_K down rows for one token: the slots in chunks of KC (a power of two; past
+    KTOP masked), tensors [R / G, KC, 32, .] with a chunk's slots along dim 1 (in registers or
+    across warps), so all their loads are in flight at once; lane l holds 128-weight unit
+    l % U of row G * i + l // U (G = 32 / U), so activations ([1, KC, 32, .]) and weights share
+    a layout. Chunks add in order, each summed by a reduction of fixed order (deterministic)."""
     G: tl.constexpr = 32 // U
     t = tl.program_id(0)
     lane = tl.arange(0, 32)[None, None, :, None]
     c = lane % U
     rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
-    kk = tl.arange(0, KT)[None, :, None, None]
-    slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
-    e = tl.load(ids + slot).to(tl.int64)
-    row = down + (e * D + rows) * RB  # [R / G, KT, 32, 1]
-    xw = hq + slot * (F // 4) + 32 * c  # [1, KT, 32, 1] int32 words
-    xsp = hs + slot * (F // 32) + 4 * c
-    part = _kq_unit(row, c, xw, xsp, kk < KTOP, F, FMT, KT != KTOP, EMULATE)
-    acc = tl.sum(part, axis=1)  # [R / G, 32]
+    acc = tl.zeros([R // G, 32], dtype=tl.float32)
+    for c0 in tl.static_range(0, KTOP, KC):
+        kk = c0 + tl.arange(0, KC)[None, :, None, None]
+        slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
+        e = tl.load(ids + slot).to(tl.int64)
+        row = down + (e * D + rows) * RB  # [R / G, KC, 32, 1]
+        xw = hq + slot * (F // 4) + 32 * c  # [1, KC, 32, 1] int32 words
+        xsp = hs + slot * (F // 32) + 4 * c
+        part = _kq_unit(row, c, xw, xsp, kk < KTOP, F, FMT, c0 + KC > KTOP, EMULATE)
+        acc += tl.sum(part, axis=1)  # [R / G, 32]
     per_row = tl.sum(tl.reshape(acc, [R // G, G, U]), axis=2)  # lanes of a row are adjacent
     orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
     tl.store(out + t.to(tl.int64) * D + orow, per_row)
@@ -585,13 +493,12 @@ def moe_decode(
 def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
     """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it).
 
-    gu: (R, REP, num_warps) the IQ2_XXS kernel with shared tables (REP = 0: global tables),
-    else (BN, BK, num_warps) the generic kernel."""
+    gu: (R, num_warps) the expert type's own kernel (IQ2_XXS, or Q2_K/Q4_K), else (BN, BK,
+    num_warps) the generic one."""
     k, (_, n_ff, dim) = ids32.shape[1], gate.shape
     slots, emulate = ids32.numel(), interpreting()
     common = (xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
               gate.data.shape[-1], float(clamp))  # fmt: skip
-    w64 = gate.data.shape[-1] % 8 == 0
     if "R" in gu and gate.qtype != GQ.IQ2_XXS:
         up_off = up.data.data_ptr() - gate.data.data_ptr()
         _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
@@ -599,14 +506,9 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
             float(clamp), D=dim, KTOP=k, U=dim // 128, FMT=int(gate.qtype), EMULATE=emulate,
             **gu,
         )  # fmt: skip
-    elif "R" in gu and gu.get("REP", 8) == 0:
-        cfg = {key: v for key, v in gu.items() if key != "REP"}
-        _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
-            *common, KTOP=k, G=dim // 32, W64=w64, EMULATE=emulate, **cfg
-        )
     elif "R" in gu:
-        _moe_gate_up_iq2s_kernel[(slots, n_ff // gu["R"])](
-            *common, KTOP=k, G=dim // 32, W64=w64, EMULATE=emulate, **{"REP": 8, **gu}
+        _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
+            *common, KTOP=k, G=dim // 32, W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate, **gu
         )
     else:
         _moe_gate_up_kernel[(slots, n_ff // gu["BN"])](
@@ -619,13 +521,14 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
 def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
     """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho.
 
-    dn: (R, num_warps) the Q2_K kernel, else (BN, BK, num_warps) the generic kernel."""
+    dn: (R, num_warps, KC slots per chunk) the Q2_K/Q4_K kernel, else (BN, BK, num_warps) the
+    generic one."""
     (n_tok, k), (_, dim, n_ff) = ids32.shape, down.shape
     if "R" in dn:
         _moe_down_kq_kernel[(n_tok, dim // dn["R"])](
             ho[0], ho[1], ids32, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
-            KT=triton.next_power_of_2(k), U=n_ff // 128, FMT=int(down.qtype),
-            EMULATE=interpreting(), **dn,
+            U=n_ff // 128, FMT=int(down.qtype), EMULATE=interpreting(),
+            **{"KC": triton.next_power_of_2(k), **dn},
         )  # fmt: skip
         return
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
@@ -650,9 +553,8 @@ def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None 
                       num_warps: int | None = None, int8: bool = True,
                       qtype: GQ | None = None, down_qtype: GQ | None = None) -> dict:  # fmt: skip
     """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up and
-    Q2_K/Q4_K experts that fit get their own kernels (tilings from the H200 sweep in
-    scripts/bench_moe_decode.py; the interpreter takes all rows in one program, since its cost
-    is per operation, not per element)."""
+    Q2_K/Q4_K experts that fit get their own kernels (the interpreter takes up to 256 / 512 rows
+    per program: its cost is per operation, not per element)."""
     gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
     down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
     if tile is None and num_warps is None:
@@ -662,16 +564,20 @@ def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None 
 
 
 def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict | None:
-    """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits."""
-    emu = interpreting()
+    """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
+    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 4 rows, Q4_K gate/up
+    1 row (gate and up: 2 row-units per lane), down 4 (Q2_K) or 2 (Q4_K) rows with the slots
+    two at a time (more at once measured slower)."""
     if qtype == GQ.IQ2_XXS and gate_up:
-        c = dict(R=min(rows, 256), REP=8) if emu else dict(R=4, REP=8, num_warps=1, maxnreg=128)
-    elif qtype in (GQ.Q2_K, GQ.Q4_K) and gate_up:
-        c = dict(R=min(rows, 256)) if emu else dict(R=4, num_warps=2)
+        c = dict(R=4, num_warps=1)
     elif qtype in (GQ.Q2_K, GQ.Q4_K):
-        c = dict(R=min(rows, 512)) if emu else dict(R=8, num_warps=8)
+        per_lane_row = 32 // max(1, cols // 128)  # rows sharing a warp's lanes
+        r = 1 if gate_up else (4 if qtype == GQ.Q2_K else 2)
+        c = dict(R=max(r, per_lane_row), num_warps=1) | ({} if gate_up else dict(KC=2))
     else:
         return None
+    if interpreting():
+        c = dict(c, R=min(rows, 256 if gate_up else 512))
     return c if _tiles_fit(qtype, c, rows, cols, gate_up) else None
 
 
