@@ -144,14 +144,6 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     print(f"whole moe_decode ({(gu_mb + dn_mb) / 1e6:.1f} MB, 4 launches; err vs f32 "
           "reference, tolerance 3e-2)", flush=True)  # fmt: skip
     variants = [("generic", generic), ("new default", new)]
-    if gate_t == GQ.IQ2_XXS:
-        variants.insert(
-            1,
-            (
-                "previous (global tables)",
-                dict(gate_up=dict(R=4, REP=0, num_warps=1), down=generic["down"]),
-            ),
-        )
     best = dict(gate_up=_fastest(gu_times), down=_fastest(dn_times))
     if None not in best.values() and best != new:
         variants.append((f"fastest pair {best}", best))
