@@ -4,7 +4,8 @@
 Owns: the numbers in docs/PERFORMANCE.md "Kernels": device-to-device copy bandwidth, decode GEMV
 and decode MoE time / GB/s / % of copy bandwidth, dense prefill GEMM TFLOP/s (the expert GEMMs
 are scripts/bench_moe_prefill.py's), plus a correctness check of every kernel against its torch
-reference on the GPU. Each tiling candidate is timed and the best and the default are reported. Does not own the kernels.
+reference on the GPU. Each tiling candidate is timed and the best and the default are reported.
+Does not own the kernels.
 Usage: python scripts/bench_kernels.py [--out DIR] [--tests] [--quick]
 """
 
