@@ -19,7 +19,7 @@ from ds4py.quant import ref
 from ds4py.quant.formats import QTensor, quantize
 from ds4py.quant.triton.gemm import bf16_dot
 from ds4py.quant.triton.gemv import act_operands, gemv_config
-from ds4py.quant.triton.rowdot import acc_groups, accumulate
+from ds4py.quant.triton.rowdot import acc_groups, accumulate, dp4a_us
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
     dequant_tile,
@@ -202,21 +202,6 @@ def _moe_down_kernel(
 
 
 @triton.jit
-def _dp4a_us(a, b, c, EMULATE: tl.constexpr):
-    """c + the four products of the unsigned bytes of a with the signed bytes of b."""
-    if EMULATE:
-        s = c
-        for j in tl.static_range(4):
-            s += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
-    else:
-        s = tl.inline_asm_elementwise(
-            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-    return s
-
-
-@triton.jit
 def _dp2a(a, b, c, HI: tl.constexpr, EMULATE: tl.constexpr):
     """c + the two signed 16-bit halves of a times bytes 2*HI, 2*HI+1 of b (signed)."""
     if EMULATE:
@@ -305,14 +290,14 @@ def _q2k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
         xa0, xa1, xa2, xa3 = _split4(tl.load(xw + 8 * p + tl.arange(0, 4)))
         xb0, xb1, xb2, xb3 = _split4(tl.load(xw + 8 * p + 4 + tl.arange(0, 4)))
         msk = tl.full(a0.shape, 0x03030303, tl.int32) << (2 * p)  # int32: plane 3 sets bit 31
-        s0 = _dp4a_us(a0 & msk, xa0, tl.zeros_like(a0), EMULATE)
-        s0 = _dp4a_us(a1 & msk, xa1, s0, EMULATE)
-        s0 = _dp4a_us(a2 & msk, xa2, s0, EMULATE)
-        s0 = _dp4a_us(a3 & msk, xa3, s0, EMULATE) >> (2 * p)
-        s1 = _dp4a_us(b0 & msk, xb0, tl.zeros_like(a0), EMULATE)
-        s1 = _dp4a_us(b1 & msk, xb1, s1, EMULATE)
-        s1 = _dp4a_us(b2 & msk, xb2, s1, EMULATE)
-        s1 = _dp4a_us(b3 & msk, xb3, s1, EMULATE) >> (2 * p)
+        s0 = dp4a_us(a0 & msk, xa0, tl.zeros_like(a0), EMULATE)
+        s0 = dp4a_us(a1 & msk, xa1, s0, EMULATE)
+        s0 = dp4a_us(a2 & msk, xa2, s0, EMULATE)
+        s0 = dp4a_us(a3 & msk, xa3, s0, EMULATE) >> (2 * p)
+        s1 = dp4a_us(b0 & msk, xb0, tl.zeros_like(a0), EMULATE)
+        s1 = dp4a_us(b1 & msk, xb1, s1, EMULATE)
+        s1 = dp4a_us(b2 & msk, xb2, s1, EMULATE)
+        s1 = dp4a_us(b3 & msk, xb3, s1, EMULATE) >> (2 * p)
         q16 = _pack16(_sums4(xa0, xa1, xa2, xa3, EMULATE), _sums4(xb0, xb1, xb2, xb3, EMULATE))
         scw = sc_lo if p < 2 else sc_hi
         ia = _dp2a(_pack16(s0, s1), scw & 0x0F0F0F0F, tl.zeros_like(s0), p % 2, EMULATE)
