@@ -1,11 +1,11 @@
-"""Routed-expert FFN on GGUF-encoded expert tensors: decode (few tokens) and prefill (grouped).
+"""Routed-expert FFN on GGUF-encoded expert tensors for decode (few tokens).
 
 Owns: out[t] = sum_i down[e] @ (w[t,i] * silu(min(gate[e] x, c)) * clamp(up[e] x, -c, c)),
-e = ids[t,i]; launchers, kernels and a torch reference of the same signature. Decode: gate+up+
-SwiGLU per slot, then down per token summing its k experts in a fixed order; IQ2_XXS gate/up and
-Q2_K/Q4_K get their own inner loops (lanes own whole groups, dp4a/dp2a), other types rowdot.py's.
-Prefill: slots sorted by expert, grouped bf16 GEMMs. No float atomics anywhere, so results are
-deterministic. Expert tensors are read in split layout. Does not own: routing (the model).
+e = ids[t,i]: two launches (gate+up+SwiGLU per slot; down per token, its k experts summed in a
+fixed order, no float atomics), their tilings and a torch reference. IQ2_XXS gate/up and Q2_K /
+Q4_K experts get their own inner loops (lanes own whole groups; int8 activations, dp4a/dp2a;
+IQ2_XXS tables in shared memory), other types rowdot.py's. Expert tensors are in split layout.
+Does not own: routing (the model), prefill (moe_prefill.py, moe_hopper.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
-from ds4py.quant.formats import QTensor, quantize
-from ds4py.quant.triton.gemm import bf16_dot
+from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.gemv import act_operands, gemv_config
 from ds4py.quant.triton.rowdot import acc_groups, accumulate, dp4a_us
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
-    dequant_tile,
-    dequantize,
     dp4a_add,
     f16_at,
     interpreting,
@@ -566,154 +563,6 @@ def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict |
     return c if _tiles_fit(qtype, c, rows, cols, gate_up) else None
 
 
-# ---- Prefill ---------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_rows(tiles, r, BM: tl.constexpr):
-    """Sorted-slot rows of tile r: (expert, rows [BM], valid mask [BM])."""
-    e = tl.load(tiles + 3 * r).to(tl.int64)
-    start = tl.load(tiles + 3 * r + 1)
-    rows = start + tl.arange(0, BM)
-    return e, rows, rows < tl.load(tiles + 3 * r + 2)
-
-
-@triton.jit
-def _grouped_gate_up_kernel(
-    xb, order, wts, tiles, gate, up, tabs, h, F, D, RB, clamp,
-    KTOP: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    row_off = (e * F + tl.minimum(rn, F - 1)) * RB
-    slot = tl.load(order + rows, mask=valid, other=0)
-    xrow = xb + (slot // KTOP).to(tl.int64)[:, None] * D
-    kk = tl.arange(0, BK)
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        a = tl.load(xrow + k0 + kk[None, :])
-        wg = dequant_tile(gate, tabs, row_off, D, k0, FMT, BK).to(tl.bfloat16)
-        acc_g = bf16_dot(a, tl.trans(wg), acc_g, EMULATE)
-        wu = dequant_tile(up, tabs, row_off, D, k0, FMT, BK).to(tl.bfloat16)
-        acc_u = bf16_dot(a, tl.trans(wu), acc_u, EMULATE)
-    hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot, mask=valid, other=0)[:, None]
-    hmask = valid[:, None] & (rn[None, :] < F)
-    tl.store(h + rows.to(tl.int64)[:, None] * F + rn[None, :], hv.to(tl.bfloat16), mask=hmask)
-
-
-@triton.jit
-def _grouped_down_kernel(
-    h, tiles, down, tabs, y, D, F, RB,
-    FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    EMULATE: tl.constexpr,
-):  # fmt: skip
-    e, rows, valid = _tile_rows(tiles, tl.program_id(0), BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    row_off = (e * D + tl.minimum(rn, D - 1)) * RB
-    hrow = h + tl.where(valid, rows, 0).to(tl.int64)[:, None] * F
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, F, BK):
-        a = tl.load(hrow + k0 + kk[None, :])
-        wt = dequant_tile(down, tabs, row_off, F, k0, FMT, BK).to(tl.bfloat16)
-        acc = bf16_dot(a, tl.trans(wt), acc, EMULATE)
-    ymask = valid[:, None] & (rn[None, :] < D)
-    tl.store(y + rows.to(tl.int64)[:, None] * D + rn[None, :], acc, mask=ymask)
-
-
-def expert_tiles(ids: torch.Tensor, n_exp: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort slots by expert: (order [S] slot per sorted row, tiles int32 [n, 3] of
-    (expert, first sorted row, end row)), one tile per BM rows of each used expert."""
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_exp)
-    starts = torch.cumsum(counts, 0) - counts
-    n_tiles = (counts + bm - 1) // bm
-    tile_exp = torch.repeat_interleave(torch.arange(n_exp, device=ids.device), n_tiles)
-    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-    local = torch.arange(tile_exp.numel(), device=ids.device) - first_tile[tile_exp]
-    row0 = starts[tile_exp] + local * bm
-    tiles = torch.stack([tile_exp, row0, starts[tile_exp] + counts[tile_exp]], dim=1)
-    return order.to(torch.int32), tiles.to(torch.int32).contiguous()
-
-
-def moe_prefill_config(n_slots: int, n_exp: int) -> dict:
-    """Tiles from the H100 sweep; token tiles sized to the rows an expert gets on average."""
-    big = n_slots > 48 * n_exp  # ~rows per expert under balanced routing
-    return dict(BM=256 if big else 64, BN_GU=64, BN_DOWN=128, BK=64,
-                num_warps=8 if big else 4, num_stages=3)  # fmt: skip
-
-
-def moe_prefill(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate: QTensor,
-    up: QTensor,
-    down: QTensor,
-    clamp: float,
-    tabs: torch.Tensor,
-    cfg: dict | None = None,
-    dense_group: int = 0,
-) -> torch.Tensor:
-    """Grouped bf16 GEMMs over slots sorted by expert (h kept in bf16 between the two).
-
-    `dense_group` > 0: dequantize that many experts at a time to bf16 copies and multiply
-    those (for long chunks: decoding 2-bit tiles once per token tile costs more than the
-    copies). `cfg` (BM, BN_GU, BN_DOWN, BK, num_warps, num_stages) overrides the tiling."""
-    _check(x, ids, weights, gate, up, down)
-    gate, up, down = prepared(gate), prepared(up), prepared(down)
-    n_tok, k = ids.shape
-    n_exp, n_ff, dim = gate.shape
-    if dim % 64 or n_ff % 64:
-        raise ValueError(f"moe_prefill: expert dims {n_ff}, {dim} must be multiples of 64")
-    cfg = cfg or moe_prefill_config(n_tok * k, n_exp)
-    order, tiles = expert_tiles(ids, n_exp, cfg["BM"])  # one host sync: the grid size
-    n_slots = n_tok * k
-    xb, wts = x.to(torch.bfloat16), weights.reshape(-1).contiguous()
-    h = torch.empty(n_slots, n_ff, dtype=torch.bfloat16, device=x.device)
-    y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
-    if dense_group <= 0:
-        _grouped(xb, order, wts, tiles, (gate, up, down), h, y, k, clamp, tabs, cfg)
-    else:
-        tile_exp = tiles[:, 0].cpu()
-        for e0 in range(0, n_exp, dense_group):
-            e1 = min(e0 + dense_group, n_exp)
-            pick = ((tile_exp >= e0) & (tile_exp < e1)).nonzero().view(-1)
-            if pick.numel() == 0:
-                continue
-            sub = tiles[pick.to(tiles.device)]
-            sub[:, 0] -= e0
-            mats = tuple(_bf16_experts(w, e0, e1, tabs) for w in (gate, up, down))
-            _grouped(xb, order, wts, sub, mats, h, y, k, clamp, tabs, cfg)
-    per_slot = torch.empty_like(y)
-    per_slot[order.long()] = y  # back to (token, slot) order; a permutation, so deterministic
-    return per_slot.view(n_tok, k, dim).sum(dim=1)
-
-
-def _bf16_experts(w: QTensor, e0: int, e1: int, tabs: torch.Tensor) -> QTensor:
-    part = QTensor(w.data[e0:e1], w.qtype, (e1 - e0, *w.shape[1:]), w.layout)
-    return quantize(dequantize(part, tabs, torch.bfloat16), GQ.BF16)
-
-
-def _grouped(xb, order, wts, tiles, mats, h, y, k, clamp, tabs, cfg) -> None:
-    """Both grouped launches over `tiles` (expert ids relative to the `mats` given)."""
-    gate, up, down = mats
-    n_ff, dim = gate.shape[1], gate.shape[2]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], EMULATE=interpreting())
-    n_tiles, bm, bk = tiles.shape[0], cfg["BM"], cfg["BK"]
-    _grouped_gate_up_kernel[(n_tiles, triton.cdiv(n_ff, cfg["BN_GU"]))](
-        xb, order, wts, tiles, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
-        float(clamp), KTOP=k, FMT=int(gate.qtype), BM=bm, BN=cfg["BN_GU"], BK=bk, **launch,
-    )  # fmt: skip
-    _grouped_down_kernel[(n_tiles, triton.cdiv(dim, cfg["BN_DOWN"]))](
-        h, tiles, down.data, tabs, y, dim, n_ff, down.data.shape[-1],
-        FMT=int(down.qtype), BM=bm, BN=cfg["BN_DOWN"], BK=bk, **launch,
-    )  # fmt: skip
-
-
 def moe_ref(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -724,7 +573,7 @@ def moe_ref(
     clamp: float,
     tabs: torch.Tensor | None = None,
     cfg: dict | None = None,
-    dense_group: int = 0,
+    hopper: bool = True,
 ) -> torch.Tensor:
-    """Torch reference with the launchers' signature (float32 throughout)."""
+    """Torch reference with the signature of moe_decode and moe_prefill (float32 throughout)."""
     return ref.moe(x, ids, weights, gate, up, down, clamp)
