@@ -1,7 +1,7 @@
 """The fused decode-attention kernel against its torch reference (decode.py's parts + attend).
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-imported) on small shapes: both row stores and window-only layers, idx with invisible entries,
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py) on small shapes: both row stores and window-only layers, idx with invisible entries,
 pos 0 / inside / past the window, no visible compressed row yet, capacities and windows that are
 not multiples of the row block, several head blocks. Tolerance: 1e-5 norm-wise relative error.
 The E4M3 decode and the TF32 split are checked bit-exactly on their own.
@@ -10,7 +10,6 @@ The E4M3 decode and the TF32 split are checked bit-exactly on their own.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

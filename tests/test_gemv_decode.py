@@ -1,7 +1,7 @@
 """The one-token GEMV (gemv.py `_rows_kernel`, Q8_0 / F16 / BF16) against its references.
 
-Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels
-are defined). Tolerances (norm-wise relative error): F16/BF16 1e-5 against the float32
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py). Tolerances (norm-wise relative error): F16/BF16 1e-5 against the float32
 reference; Q8_0 (activations rounded to int8 per 16 values by act.py `quantize16`) 1e-5 against
 the reference fed the same rounded activations (`round16`, exact up to float32 sums), 2e-2
 against plain float32. The rounding itself is checked bit for bit through an identity weight.
@@ -9,7 +9,6 @@ The kernel also takes 2-8 tokens (a `cfg` override; by default those run the til
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from gguf import GGMLQuantizationType as GQ
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import QTensor, random_qtensor  # noqa: E402

@@ -11,7 +11,6 @@ test runs the Flash sizes (64 heads x 128 dims, k = 512, up to 262 145 rows) and
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -19,8 +18,6 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds4py.kv.state import FloatRows, FP4Rows, FP8Rows  # noqa: E402
 from ds4py.model.model import fp4_sim  # noqa: E402

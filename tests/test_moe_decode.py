@@ -9,7 +9,6 @@ whole call is also checked against plain f32 activations at 3e-2, as in test_qua
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from gguf import GGMLQuantizationType as GQ
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import random_qtensor  # noqa: E402

@@ -1,13 +1,12 @@
 """Prefill routed-MoE kernels (ds4py/quant/triton/moe_prefill.py) against the torch reference.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels
-are defined), which runs the same integer and float16 math as the PTX blocks. Tolerances: each
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py), which runs the same integer and float16 math as the PTX blocks. Tolerances: each
 float16 weight is the exact GGUF value after float16 roundings of its scale, min and result;
 the whole FFN (float16 x and h, float32 sums) within 3e-3 of the float32 reference.
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -16,8 +15,6 @@ from gguf import GGMLQuantizationType as GQ
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds4py.quant.formats import random_qtensor  # noqa: E402
 from ds4py.quant.triton import moe_prefill as mp  # noqa: E402
@@ -86,14 +83,20 @@ def test_expert_tiles_cover_each_experts_rows_in_order():
     assert (dead[:, 1] == dead[:, 2]).all()
 
 
-def test_hopper_path_needs_8_byte_aligned_rows():
+def test_hopper_kernels_take_only_8_byte_aligned_2_to_4_bit_rows():
     from ds4py.quant.triton import moe_hopper
 
     g = _gen(6)
-    # IQ2_XXS rows of 512 are 132 bytes: their 8-byte loads would be misaligned
+    # IQ2_XXS rows of 512 are 132 bytes, Q2_K rows of 256 are 84: 8-byte loads would misalign
     gate = random_qtensor(GQ.IQ2_XXS, (2, 256, 512), g)
     down = random_qtensor(GQ.Q2_K, (2, 512, 256), g)
-    assert not moe_hopper.supported(gate, gate, down)
+    assert not moe_hopper.fits(gate, gate, down)
+    gate = random_qtensor(GQ.IQ2_XXS, (2, 512, 1024), g)  # 264-byte rows
+    down = random_qtensor(GQ.Q2_K, (2, 1024, 512), g)  # 168-byte rows
+    assert moe_hopper.fits(gate, gate, down)
+    assert not moe_hopper.fits(gate, down, down)  # gate and up must share a format
+    f16 = random_qtensor(GQ.F16, (2, 512, 1024), g)
+    assert not moe_hopper.fits(f16, f16, down)
 
 
 def test_config_fits_small_experts_and_rejects_misfits():

@@ -10,7 +10,6 @@ input. The GPU test runs E = 256, k = 6 at T = 1..8 and a CUDA-graph replay.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -19,8 +18,6 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds4py.quant.triton.route import route, route_ref  # noqa: E402
 

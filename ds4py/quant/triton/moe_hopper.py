@@ -36,16 +36,20 @@ FORMATS = (GQ.IQ2_XXS, GQ.Q2_K, GQ.Q4_K)
 BK = 64
 
 
-def supported(gate, up, down) -> bool:
-    """Whether these experts can take the Hopper kernels here: sm_90, the 2-4 bit formats,
-    whole 256-value blocks, and rows 8-byte aligned (each 8 values come in one 8-byte load;
-    real IQ2_XXS rows of 4096 are 1056 bytes, Q2_K rows of 2048 are 672)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        return False
+def fits(gate, up, down) -> bool:
+    """Whether the kernels can read these experts: the 2-4 bit formats, whole 256-value blocks,
+    and rows 8-byte aligned (each 8 values come in one 8-byte load; real IQ2_XXS rows of 4096
+    are 1056 bytes, Q2_K rows of 2048 are 672)."""
     n_ff, dim = gate.shape[1], gate.shape[2]
     formats_ok = gate.qtype in FORMATS and up.qtype == gate.qtype and down.qtype in FORMATS
     aligned = all(w.data.shape[-1] % 8 == 0 for w in (gate, up, down))
     return formats_ok and aligned and n_ff % 256 == 0 and dim % 256 == 0
+
+
+def supported(gate, up, down) -> bool:
+    """Whether these experts take the Hopper kernels here: an sm_90 GPU and `fits`."""
+    on_sm90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    return on_sm90 and fits(gate, up, down)
 
 
 @triton.jit
