@@ -18,10 +18,11 @@ from gguf import GGMLQuantizationType as GQ
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton.gemv import act_operands, gemv_config
-from ds4py.quant.triton.rowdot import acc_groups, accumulate, dp4a_us
+from ds4py.quant.triton.rowdot import acc_groups, accumulate
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
     dp4a_add,
+    dp4a_us,
     f16_at,
     interpreting,
     iq2_octet_dot,

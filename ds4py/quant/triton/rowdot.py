@@ -16,7 +16,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as GQ
 from triton.language.extra.cuda import libdevice
 
-from ds4py.quant.triton.tiles import dp4a, f16_at, iq2_octet
+from ds4py.quant.triton.tiles import dp4a, dp4a_us, f16_at, iq2_octet
 
 # 1.5 * 2**23: v + MAGIC_RNE rounds v (|v| < 2**22) to an integer, ties to even
 MAGIC_RNE = tl.constexpr(12582912.0)
@@ -141,21 +141,6 @@ def accumulate(acc, w, tabs, row_off, K, k0, x, xq, xs, xsum, FMT: tl.constexpr,
 
 
 # ---- wide-load GEMV steps (gemv.py `_rows_kernel`) -------------------------------------------
-
-
-@triton.jit
-def dp4a_us(a, b, c, EMULATE: tl.constexpr):
-    """c + the four products of the unsigned bytes of a with the signed bytes of b."""
-    if EMULATE:
-        s = c
-        for j in tl.static_range(4):
-            s += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
-    else:
-        s = tl.inline_asm_elementwise(
-            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-    return s
 
 
 @triton.jit

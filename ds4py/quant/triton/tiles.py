@@ -112,6 +112,21 @@ def dp4a_add(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def dp4a_us(a, b, c, EMULATE: tl.constexpr):
+    """c + the four products of the unsigned bytes of a with the signed bytes of b."""
+    if EMULATE:
+        s = c
+        for j in tl.static_range(4):
+            s += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
+    else:
+        s = tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+    return s
+
+
+@triton.jit
 def signed_mags(sel, EMULATE: tl.constexpr):
     """Four signed weight bytes from selector nibbles (code | sign << 2), code 0/1/2 for
     magnitudes 8/25/43: one byte permute of the constant pair (8, 25, 43 | -8, -25, -43)."""
