@@ -1,12 +1,11 @@
 #!/usr/bin/env python
-"""Prefill routed-MoE kernels at the real expert shapes on CUDA: tiling sweep, old vs new.
+"""Prefill routed-MoE kernels at the real expert shapes on CUDA: Triton tilings vs Gluon.
 
 Owns: the expert-GEMM TFLOP/s rows of docs/PERFORMANCE.md. Cases: q2 experts (IQ2_XXS gate/up,
 Q2_K down) and q4 (Q4_K) with 2048 / 8192 tokens routed top-6 of 256 at random, and 6 experts
-with 2048 tokens each. For each: moe.py's bf16 tile kernels and bf16 expert copies (the old
-paths), moe_prefill.py's Triton float16 tiles over a tiling sweep and moe_hopper.py's Gluon
-kernels, each checked against the f32 reference. Times: the whole call (sorting included)
-and the two grouped launches alone, median of CUDA events.
+with 2048 tokens each. For each: moe_prefill.py's Triton float16 tiles over a tiling sweep and
+moe_hopper.py's Gluon kernels, each checked against the f32 reference. Times: the whole call
+(sorting included) and the two grouped launches alone, median of CUDA events.
 TFLOP/s = 2 * tokens * 6 * 3 * 2048 * 4096 / time.
 Usage: python scripts/bench_moe_prefill.py [--out DIR] [--quick]
 """
@@ -25,7 +24,6 @@ from bench_kernels import DEV, rel_err, time_eager, weight  # noqa: E402
 from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant import ref  # noqa: E402
-from ds4py.quant.triton import moe as old  # noqa: E402
 from ds4py.quant.triton import moe_hopper as hopper  # noqa: E402
 from ds4py.quant.triton import moe_prefill as new  # noqa: E402
 from ds4py.quant.triton.tiles import prepared, tables  # noqa: E402
@@ -73,10 +71,6 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
               f"  kernels {ti * 1e3:8.3f} ms {flops / ti / 1e12:6.1f} TF/s  err {err:.2e}",
               flush=True)  # fmt: skip
 
-    record("old bf16 tiles", lambda: old.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs))
-    if not quick:
-        record("old bf16 copies x64", lambda: old.moe_prefill(x, ids, wts, gate, up, down, CLAMP,
-                                                             tabs, dense_group=64))  # fmt: skip
     xh, w1 = x.half(), wts.reshape(-1).contiguous()
     for cfg in sweep(quick):
         order, tiles = new.expert_tiles(ids, N_EXP, cfg["BM"])
@@ -99,8 +93,7 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
     }
     print("  overheads (ms): " + ", ".join(f"{k} {time_eager(f, reps=5) * 1e3:.3f}"
                                           for k, f in parts.items()), flush=True)  # fmt: skip
-    best = min((r for r in rows if not r["variant"].startswith("old")), key=lambda r: r["ms"],
-               default=None)  # fmt: skip
+    best = min(rows, key=lambda r: r["ms"], default=None)
     print(f"  BEST {name}: {best}", flush=True)
     out.extend(rows)
 

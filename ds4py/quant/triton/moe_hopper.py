@@ -99,6 +99,24 @@ def _pair_layout(nw):
 
 
 @gluon.constexpr_function
+def _quad_layout(nw):
+    # [rows, octet pair]: the same lanes as _pair_layout, one element per pair of octets (both
+    # octets of a lane share their scales), so scales are loaded and computed once
+    warps = [[16 << i, 0] for i in range(nw.bit_length() - 1)]
+    return gl.DistributedLinearLayout(
+        reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=warps, block_bases=[], shape=[16 * nw, 4],
+    )  # fmt: skip
+
+
+@gluon.jit
+def _octets(t, pair_l: gl.constexpr):
+    """[BN, 4] per octet pair -> [BN, 8] per octet (each value twice, in the same registers)."""
+    t = gl.reshape(gl.join(t, t), [t.shape[0], 8])
+    return gl.convert_layout(t, gl.SliceLayout(2, pair_l))
+
+
+@gluon.constexpr_function
 def _mma_layout(nw, bm):
     return gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16]
@@ -126,6 +144,47 @@ def _permute_bytes(a: gl.constexpr, b: gl.constexpr, sel):
 
 
 @gluon.jit
+def _smem_tables(tabs, NW: gl.constexpr):
+    """Copy the IQ2_XXS selector words (tiles.tables: 256 grid words, 128 sign words) into a
+    shared array declared in inline PTX (Gluon has no shared-memory gather): a lookup is then
+    one 32-bit-addressed ld.shared instead of a 64-bit address and a global load. The array
+    is 2 KB so the compiler's own buffers after it keep the 1 KB alignment of their 128-byte
+    swizzle (wgmma applies it to the absolute address), and it only fits beside 24 KB of
+    activation tiles (BM 64): the launch has no opt-in for more than 48 KB in all."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    i = gl.arange(0, 32 * NW, layout=lay)  # one element per thread: declared once
+    base = gl.inline_asm_elementwise(
+        ".shared .align 1024 .b32 iq2tab[512];\n\tmov.u32 $0, iq2tab;", "=r,r", [i],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+    tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
+    for r in gl.static_range(384 // (32 * NW)):
+        j = i + 32 * NW * r
+        word = gl.load(tab32 + j)
+        gl.inline_asm_elementwise(
+            "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * j, word],
+            dtype=gl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _table_base(like):
+    """The shared table's address for every element of `like`; not pure, so the lookups that
+    depend on it stay after the fill and its barrier."""
+    return gl.inline_asm_elementwise(
+        "mov.u32 $0, iq2tab;", "=r,r", [like], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
+def _lds(addr):
+    return gl.inline_asm_elementwise(
+        "ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
 def _to_a(lo, hi, bias, a2, c2, a_l: gl.constexpr, pair_l: gl.constexpr, BN: gl.constexpr):
     """Words lo, hi [BN, 8] of four bytes (bias + value) per octet, f16x2 scale a2 and offset
     c2 -> the float16 A operand [BN, 64] in kappa column order."""
@@ -150,117 +209,169 @@ def _to_a(lo, hi, bias, a2, c2, a_l: gl.constexpr, pair_l: gl.constexpr, BN: gl.
 
 
 @gluon.jit
-def _a_tile(w, tabs, row_off, K, k0, FMT: gl.constexpr, a_l: gl.constexpr, pair_l: gl.constexpr,
-            BN: gl.constexpr):  # fmt: skip
-    """A operand for rows at byte offsets row_off [BN], original columns k0 .. k0 + 64."""
+def _a_raw(w, row_off, K, k0, FMT: gl.constexpr, pair_l: gl.constexpr, quad_l: gl.constexpr,
+           BN: gl.constexpr):  # fmt: skip
+    """The bytes behind the A operand of original columns k0 .. k0 + 64 (rows at byte offsets
+    row_off [BN]), as loaded: (quants, scale, min, scale bytes; unused ones zero), scales per
+    octet pair. Loaded a step before `_a_tile` decodes them, so the weight reads overlap the
+    MMAs."""
     o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))  # 8-value group
+    p = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))  # octets 2p, 2p + 1
     base = w + row_off[:, None]
-    zero = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
+    base4 = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+    zero = gl.zeros([BN, 4], gl.int32, layout=quad_l)
     if FMT == 16:  # IQ2_XXS: 32-value groups of words A (grid indices), B (signs, scale)
-        g = k0 // 32 + o // 4
-        sub = o % 4
-        ab = gl.load((base + 8 * g[None, :]).to(gl.pointer_type(gl.int64)))
-        a = (ab & 0xFFFFFFFF).to(gl.int32)
-        bu = (ab >> 32).to(gl.uint32)
-        d = gl.load((base + K // 4 + 2 * (g // 8)[None, :]).to(gl.pointer_type(gl.float16)))
-        a2 = _f16x2(d.to(gl.float32) * ((bu >> 27) | 1).to(gl.float32) * 0.125)
-        tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
-        sel = gl.load(tab32 + ((a >> (8 * sub)[None, :]) & 255))
-        sel = sel | gl.load(
-            tab32 + 256 + ((bu >> (7 * sub)[None, :].to(gl.uint32)) & 127).to(gl.int32)
-        )
-        # bytes 128 + v for v in (8, 25, 43 | -8, -25, -43), picked by code | sign << 2
-        lo = _permute_bytes(0x00AB9988, 0x00556778, sel)
-        hi = _permute_bytes(0x00AB9988, 0x00556778, sel >> 16)
-        t = _to_a(lo, hi, 0x64806480, a2, zero, a_l, pair_l, BN)
+        g = k0 // 32 + p // 2
+        q = gl.load((base4 + 8 * g[None, :]).to(gl.pointer_type(gl.int64)))
+        d = gl.load((base4 + K // 4 + 2 * (g // 8)[None, :]).to(gl.pointer_type(gl.float16)))
+        raw = (q, d, d, zero, zero)
     elif FMT == 10:  # Q2_K: 16-value sub-blocks, 2-bit planes of 32-byte runs
         gs = k0 // 16 + o // 2
         b, s = gs // 16, gs % 16
-        sc = gl.load(base + K // 4 + 16 * b[None, :] + s[None, :]).to(gl.int32)
-        dm = (base + K // 4 + 16 * (K // 256) + 4 * b[None, :]).to(gl.pointer_type(gl.float16))
-        a2 = _f16x2(gl.load(dm).to(gl.float32) * (sc & 15).to(gl.float32))
-        c2 = _f16x2(-gl.load(dm + 1).to(gl.float32) * (sc >> 4).to(gl.float32))
         qoff = 64 * b + 32 * (s // 8) + 16 * (s % 2) + 8 * (o % 2)
         q = gl.load((base + qoff[None, :]).to(gl.pointer_type(gl.int64)))
-        shift = (2 * ((s % 8) // 2))[None, :]
-        lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x03030303
-        hi = ((q >> 32).to(gl.int32) >> shift) & 0x03030303
-        t = _to_a(lo, hi, 0x64006400, a2, c2, a_l, pair_l, BN)
+        gs4 = k0 // 16 + p
+        b4 = gs4 // 16
+        sc = gl.load(base4 + K // 4 + 16 * b4[None, :] + (gs4 % 16)[None, :]).to(gl.int32)
+        dm = (base4 + K // 4 + 16 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
+        raw = (q, gl.load(dm), gl.load(dm + 1), sc, zero)
     else:  # Q4_K: 32-value sub-blocks, nibbles of 32-byte runs, 6-bit scales and mins
         gj = k0 // 32 + o // 4
         b, j = gj // 8, gj % 8
-        scb = base + K // 2 + 12 * b[None, :]
-        j4 = (j % 4)[None, :]
-        lo6 = gl.load(scb + j4).to(gl.int32)
-        mid = gl.load(scb + 4 + j4).to(gl.int32)
-        hi4 = gl.load(scb + 8 + j4).to(gl.int32)
-        low = j[None, :] < 4
-        sc = gl.where(low, lo6 & 63, (hi4 & 15) | ((lo6 >> 6) << 4))
-        mn = gl.where(low, mid & 63, (hi4 >> 4) | ((mid >> 6) << 4))
-        dm = (base + K // 2 + 12 * (K // 256) + 4 * b[None, :]).to(gl.pointer_type(gl.float16))
-        a2 = _f16x2(gl.load(dm).to(gl.float32) * sc.to(gl.float32))
-        c2 = _f16x2(-gl.load(dm + 1).to(gl.float32) * mn.to(gl.float32))
         qoff = 128 * b + 32 * (j // 2) + 8 * (o % 4)
         q = gl.load((base + qoff[None, :]).to(gl.pointer_type(gl.int64)))
+        gj4 = k0 // 32 + p // 2
+        b4, j4 = gj4 // 8, gj4 % 8
+        scb = base4 + K // 2 + 12 * b4[None, :] + (j4 % 4)[None, :]
+        dm = (base4 + K // 2 + 12 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
+        # 6-bit scale and min of sub-block j: low bits in bytes j, j + 4 (j < 4), else in the
+        # nibbles of byte j + 4 with the top bits from bytes j - 4, j
+        lo6 = gl.load(scb).to(gl.int32)
+        mid = gl.load(scb + 4).to(gl.int32)
+        hi4 = gl.load(scb + 8).to(gl.int32)
+        low = (j4 < 4)[None, :]
+        sc = gl.where(low, lo6 & 63, (hi4 & 15) | ((lo6 >> 6) << 4))
+        mn = gl.where(low, mid & 63, (hi4 >> 4) | ((mid >> 6) << 4))
+        raw = (q, gl.load(dm), gl.load(dm + 1), sc, mn)
+    return raw
+
+
+@gluon.jit
+def _a_tile(raw, tab, tabs, k0, FMT: gl.constexpr, SMEM_TAB: gl.constexpr, a_l: gl.constexpr,
+            pair_l: gl.constexpr, BN: gl.constexpr):  # fmt: skip
+    """The float16 A operand [BN, 64] (kappa column order) from `_a_raw`'s bytes: four bytes
+    (bias + value) per word for the 8 values of each octet, then `_to_a` with the f16x2 scale
+    and offset. IQ2_XXS selector words come from the shared copy at `tab` ([BN, 8],
+    `_table_base`) if SMEM_TAB, else from `tabs` in global memory."""
+    q, d, dmin, c0, c1 = raw
+    o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))
+    if FMT == 16:
+        q = _octets(q, pair_l)
+        bu4 = (raw[0] >> 32).to(gl.uint32)
+        a2 = _octets(_f16x2(d.to(gl.float32) * ((bu4 >> 27) | 1).to(gl.float32) * 0.125), pair_l)
+        sub = o % 4
+        a = (q & 0xFFFFFFFF).to(gl.int32)
+        bu = (q >> 32).to(gl.uint32)
+        gi = (a >> (8 * sub)[None, :]) & 255
+        si = ((bu >> (7 * sub)[None, :].to(gl.uint32)) & 127).to(gl.int32)
+        if SMEM_TAB:
+            sel = _lds(tab + 4 * gi) | _lds(tab + 1024 + 4 * si)
+        else:
+            tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
+            sel = gl.load(tab32 + gi) | gl.load(tab32 + 256 + si)
+        # bytes 128 + v for v in (8, 25, 43 | -8, -25, -43), picked by code | sign << 2
+        lo = _permute_bytes(0x00AB9988, 0x00556778, sel)
+        hi = _permute_bytes(0x00AB9988, 0x00556778, sel >> 16)
+        b2 = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
+    elif FMT == 10:
+        s = (k0 // 16 + o // 2) % 16
+        a2 = _octets(_f16x2(d.to(gl.float32) * (c0 & 15).to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-dmin.to(gl.float32) * (c0 >> 4).to(gl.float32)), pair_l)
+        shift = (2 * ((s % 8) // 2))[None, :]
+        lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x03030303
+        hi = ((q >> 32).to(gl.int32) >> shift) & 0x03030303
+    else:
+        j = (k0 // 32 + o // 4) % 8
+        a2 = _octets(_f16x2(d.to(gl.float32) * c0.to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-dmin.to(gl.float32) * c1.to(gl.float32)), pair_l)
         shift = (4 * (j % 2))[None, :]
         lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x0F0F0F0F
         hi = ((q >> 32).to(gl.int32) >> shift) & 0x0F0F0F0F
-        t = _to_a(lo, hi, 0x64006400, a2, c2, a_l, pair_l, BN)
-    return t
+    bias: gl.constexpr = 0x64806480 if FMT == 16 else 0x64006400
+    return _to_a(lo, hi, bias, a2, b2, a_l, pair_l, BN)
 
 
 @gluon.jit
 def _x_prefetch(x_smem, xrow, xvalid, i, n_steps: gl.constexpr):
     """cp.async the activation tile of step i into buffer i % 3 (zeros past the last step)."""
-    async_copy.async_copy_global_to_shared(x_smem.index(i % 3), xrow + 64 * i,
-                                           mask=xvalid & (i < n_steps))  # fmt: skip
+    async_copy.async_copy_global_to_shared(
+        x_smem.index(i % 3), xrow + 64 * i, mask=xvalid & (i < n_steps)
+    )
     async_copy.commit_group()
 
 
 @gluon.jit
 def _x_ready():
-    """The tile of the next step has landed (one group stays in flight) and wgmma may read it."""
-    async_copy.wait_group(1)
+    """This thread's copies of the next step's tile have landed (the two after it stay in
+    flight) and are visible to wgmma; the compiler's barrier before the wgmma that reads the
+    buffer (a read after asynchronous writes) makes everyone's visible."""
+    async_copy.wait_group(2)
     fence_async_shared()
-    gl.thread_barrier()
 
 
 @gluon.jit
 def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: gl.constexpr,
                  BM: gl.constexpr, NW: gl.constexpr):  # fmt: skip
     """Two weight blocks (rows at byte offsets off0 / off1 of w0 / w1) times the same
-    activation tiles: each block's MMA runs while the other block's next tile is decoded."""
+    activation tiles: each block's MMA runs while the other block's next tile is decoded;
+    weight bytes are loaded a step (block 1) or 1.5 steps (block 0) before their decode.
+    The activation tile of step i + 3 is requested at the end of step i, into the buffer step
+    i read: the compiler then places two CTA barriers per step (before the copy, after the
+    wait); with the request mid-step and a barrier of our own it placed five."""
     BN: gl.constexpr = 16 * NW
     mma: gl.constexpr = _mma_layout(NW, BM)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     pair_l: gl.constexpr = _pair_layout(NW)
+    quad_l: gl.constexpr = _quad_layout(NW)
     x_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_smem = gl.allocate_shared_memory(gl.float16, [3, BM, 64], x_sl)
     acc0 = gl.zeros([BN, BM], gl.float32, layout=mma)
     acc1 = gl.zeros([BN, BM], gl.float32, layout=mma)
     n_steps: gl.constexpr = K // 64
+    last: gl.constexpr = K - 64
+    tab = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
+    SMEM_TAB: gl.constexpr = FMT == 16 and BM == 64
+    if SMEM_TAB:
+        _smem_tables(tabs, NW)
+        tab = _table_base(tab)
     _x_prefetch(x_smem, xrow, xvalid, 0, n_steps)
     _x_prefetch(x_smem, xrow, xvalid, 1, n_steps)
-    a0 = _a_tile(w0, tabs, off0, K, 0, FMT, a_l, pair_l, BN)
+    _x_prefetch(x_smem, xrow, xvalid, 2, n_steps)
+    r1 = _a_raw(w1, off1, K, 0, FMT, pair_l, quad_l, BN)
+    r0 = _a_raw(w0, off0, K, 0, FMT, pair_l, quad_l, BN)
+    a0 = _a_tile(r0, tab, tabs, 0, FMT, SMEM_TAB, a_l, pair_l, BN)
+    r0 = _a_raw(w0, off0, K, 64, FMT, pair_l, quad_l, BN)
     _x_ready()
     for i in range(n_steps):
         k0 = i * 64
+        k1 = gl.minimum(k0 + 64, last)  # past the end: a decode that no MMA reads
         xb = x_smem.index(i % 3).permute((1, 0))
         acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
-        # buffer (i + 2) % 3 was last read by step i - 1's MMAs, finished below
-        _x_prefetch(x_smem, xrow, xvalid, i + 2, n_steps)
-        a1 = _a_tile(w1, tabs, off1, K, k0, FMT, a_l, pair_l, BN)
+        a1 = _a_tile(r1, tab, tabs, k0, FMT, SMEM_TAB, a_l, pair_l, BN)
+        r1 = _a_raw(w1, off1, K, k1, FMT, pair_l, quad_l, BN)
         acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])  # A registers live until read
         acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
-        a0 = _a_tile(w0, tabs, off0, K, gl.minimum(k0 + 64, K - 64), FMT, a_l, pair_l, BN)
+        a0 = _a_tile(r0, tab, tabs, k1, FMT, SMEM_TAB, a_l, pair_l, BN)
+        r0 = _a_raw(w0, off0, K, gl.minimum(k0 + 128, last), FMT, pair_l, quad_l, BN)
         acc1, a1 = warpgroup_mma_wait(0, deps=[acc1, a1])
+        _x_prefetch(x_smem, xrow, xvalid, i + 3, n_steps)  # into the buffer step i read
         _x_ready()
     return acc0, acc1
 
 
 @gluon.jit
 def _tile_info(tiles):
-    r = gl.program_id(0)
+    r = gl.program_id(1)  # row blocks vary fastest: a tile's CTAs run together
     return (
         gl.load(tiles + 3 * r).to(gl.int64),
         gl.load(tiles + 3 * r + 1),
@@ -281,7 +392,7 @@ def _gate_up_kernel(
     e, start, end = _tile_info(tiles)
     if start >= end:  # the grid is sized for the most tiles any routing can make
         return
-    rn = gl.program_id(1) * BN + gl.arange(
+    rn = gl.program_id(0) * BN + gl.arange(
         0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, pair_l))
     )
     row_off = (e * F + rn) * RB
@@ -300,7 +411,7 @@ def _gate_up_kernel(
     cvalid = cols < end
     w = gl.load(wts + gl.load(order + cols, mask=cvalid, other=0), mask=cvalid, other=0.0)
     hv = g / (1.0 + gl.exp(-g)) * u * w[None, :]
-    hc = _kappa(gl.program_id(1) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma)))
+    hc = _kappa(gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma)))
     gl.store(
         h + cols.to(gl.int64)[None, :] * F + hc[:, None], hv.to(gl.float16), mask=cvalid[None, :]
     )
@@ -319,7 +430,7 @@ def _down_kernel(
     e, start, end = _tile_info(tiles)
     if start >= end:
         return
-    r0 = gl.program_id(1) * 2 * BN
+    r0 = gl.program_id(0) * 2 * BN
     rn = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, pair_l)))
     off0 = (e * D + rn) * RB
     off1 = off0 + BN * RB
@@ -343,17 +454,16 @@ def grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.
     (token, slot) order."""
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles = order.numel(), tiles.shape[0]
-    bm, nw = cfg["BM"], 4
+    bm, nw = cfg["BM"], cfg.get("NW", 4)
     xp = x_kappa(x)
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=x.device)
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(n_tiles, n_ff // (16 * nw))](
+    _gate_up_kernel[(n_ff // (16 * nw), n_tiles)](
         xp, order, wts, tiles, gate.data, up.data, tabs, h, gate.data.shape[-1], float(clamp),
         F=n_ff, D=dim, KTOP=k, FMT=int(gate.qtype), BM=bm, NW=nw, num_warps=nw,
     )  # fmt: skip
-    _down_kernel[(n_tiles, dim // (32 * nw))](
+    _down_kernel[(dim // (32 * nw), n_tiles)](
         h, order, tiles, down.data, tabs, y, down.data.shape[-1], F=n_ff, D=dim,
-        FMT=int(down.qtype),
-        BM=bm, NW=nw, num_warps=nw,
+        FMT=int(down.qtype), BM=bm, NW=nw, num_warps=nw,
     )  # fmt: skip
     return y
