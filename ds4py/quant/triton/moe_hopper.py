@@ -219,12 +219,12 @@ def _a_raw(w, row_off, K, k0, FMT: gl.constexpr, pair_l: gl.constexpr, quad_l: g
     p = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))  # octets 2p, 2p + 1
     base = w + row_off[:, None]
     base4 = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
-    zero = gl.zeros([BN, 4], gl.int32, layout=quad_l)
+    zero = gl.zeros([BN, 4], gl.uint8, layout=quad_l)
     if FMT == 16:  # IQ2_XXS: 32-value groups of words A (grid indices), B (signs, scale)
         g = k0 // 32 + p // 2
         q = gl.load((base4 + 8 * g[None, :]).to(gl.pointer_type(gl.int64)))
         d = gl.load((base4 + K // 4 + 2 * (g // 8)[None, :]).to(gl.pointer_type(gl.float16)))
-        raw = (q, d, d, zero, zero)
+        raw = (q, d, d, zero, zero, zero)
     elif FMT == 10:  # Q2_K: 16-value sub-blocks, 2-bit planes of 32-byte runs
         gs = k0 // 16 + o // 2
         b, s = gs // 16, gs % 16
@@ -232,9 +232,9 @@ def _a_raw(w, row_off, K, k0, FMT: gl.constexpr, pair_l: gl.constexpr, quad_l: g
         q = gl.load((base + qoff[None, :]).to(gl.pointer_type(gl.int64)))
         gs4 = k0 // 16 + p
         b4 = gs4 // 16
-        sc = gl.load(base4 + K // 4 + 16 * b4[None, :] + (gs4 % 16)[None, :]).to(gl.int32)
+        sc = gl.load(base4 + K // 4 + 16 * b4[None, :] + (gs4 % 16)[None, :])
         dm = (base4 + K // 4 + 16 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
-        raw = (q, gl.load(dm), gl.load(dm + 1), sc, zero)
+        raw = (q, gl.load(dm), gl.load(dm + 1), sc, zero, zero)
     else:  # Q4_K: 32-value sub-blocks, nibbles of 32-byte runs, 6-bit scales and mins
         gj = k0 // 32 + o // 4
         b, j = gj // 8, gj % 8
@@ -244,15 +244,9 @@ def _a_raw(w, row_off, K, k0, FMT: gl.constexpr, pair_l: gl.constexpr, quad_l: g
         b4, j4 = gj4 // 8, gj4 % 8
         scb = base4 + K // 2 + 12 * b4[None, :] + (j4 % 4)[None, :]
         dm = (base4 + K // 2 + 12 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
-        # 6-bit scale and min of sub-block j: low bits in bytes j, j + 4 (j < 4), else in the
-        # nibbles of byte j + 4 with the top bits from bytes j - 4, j
-        lo6 = gl.load(scb).to(gl.int32)
-        mid = gl.load(scb + 4).to(gl.int32)
-        hi4 = gl.load(scb + 8).to(gl.int32)
-        low = (j4 < 4)[None, :]
-        sc = gl.where(low, lo6 & 63, (hi4 & 15) | ((lo6 >> 6) << 4))
-        mn = gl.where(low, mid & 63, (hi4 >> 4) | ((mid >> 6) << 4))
-        raw = (q, gl.load(dm), gl.load(dm + 1), sc, mn)
+        # bytes j, j + 4, j + 8 hold the 6-bit scale and min of sub-block j (see _a_tile);
+        # kept as loaded: arithmetic on them here would wait for the load a step early
+        raw = (q, gl.load(dm), gl.load(dm + 1), gl.load(scb), gl.load(scb + 4), gl.load(scb + 8))
     return raw
 
 
@@ -263,7 +257,7 @@ def _a_tile(raw, tab, tabs, k0, FMT: gl.constexpr, SMEM_TAB: gl.constexpr, a_l: 
     (bias + value) per word for the 8 values of each octet, then `_to_a` with the f16x2 scale
     and offset. IQ2_XXS selector words come from the shared copy at `tab` ([BN, 8],
     `_table_base`) if SMEM_TAB, else from `tabs` in global memory."""
-    q, d, dmin, c0, c1 = raw
+    q, d, dmin, c0, c1, c2 = raw
     o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))
     if FMT == 16:
         q = _octets(q, pair_l)
@@ -285,15 +279,22 @@ def _a_tile(raw, tab, tabs, k0, FMT: gl.constexpr, SMEM_TAB: gl.constexpr, a_l: 
         b2 = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
     elif FMT == 10:
         s = (k0 // 16 + o // 2) % 16
-        a2 = _octets(_f16x2(d.to(gl.float32) * (c0 & 15).to(gl.float32)), pair_l)
-        b2 = _octets(_f16x2(-dmin.to(gl.float32) * (c0 >> 4).to(gl.float32)), pair_l)
+        sc = c0.to(gl.int32)
+        a2 = _octets(_f16x2(d.to(gl.float32) * (sc & 15).to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-dmin.to(gl.float32) * (sc >> 4).to(gl.float32)), pair_l)
         shift = (2 * ((s % 8) // 2))[None, :]
         lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x03030303
         hi = ((q >> 32).to(gl.int32) >> shift) & 0x03030303
     else:
         j = (k0 // 32 + o // 4) % 8
-        a2 = _octets(_f16x2(d.to(gl.float32) * c0.to(gl.float32)), pair_l)
-        b2 = _octets(_f16x2(-dmin.to(gl.float32) * c1.to(gl.float32)), pair_l)
+        # 6-bit scale and min of sub-block j: low bits in bytes j, j + 4 (j < 4), else in the
+        # nibbles of byte j + 8 with the top bits from bytes j - 4, j
+        lo6, mid, hi4 = c0.to(gl.int32), c1.to(gl.int32), c2.to(gl.int32)
+        low = (gl.arange(0, 4, layout=gl.SliceLayout(0, lo6.type.layout)) // 2 + k0 // 32) % 8 < 4
+        sc = gl.where(low[None, :], lo6 & 63, (hi4 & 15) | ((lo6 >> 6) << 4))
+        mn = gl.where(low[None, :], mid & 63, (hi4 >> 4) | ((mid >> 6) << 4))
+        a2 = _octets(_f16x2(d.to(gl.float32) * sc.to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-dmin.to(gl.float32) * mn.to(gl.float32)), pair_l)
         shift = (4 * (j % 2))[None, :]
         lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x0F0F0F0F
         hi = ((q >> 32).to(gl.int32) >> shift) & 0x0F0F0F0F
