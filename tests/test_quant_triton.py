@@ -212,3 +212,15 @@ def test_merge_joins_weights_and_linears_matches_separate_products():
     # mixed formats are left alone
     mixed = [ws[0], fast.prepare(_weight(GQ.F16, (32, 256), 9))]
     assert fast.merge(mixed) == mixed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="float16 products with float32 results need CUDA")
+def test_backend_matmul_matches_reference_also_with_no_rows():
+    # a ratio-128 layer has no compressed rows before 128 tokens: its attention part is empty
+    fast, slow = TritonOps(DEV), Ops(DEV)
+    q, rows = _randn(6, 64, seed=1).view(3, 2, 64), _randn(5, 64, seed=2)
+    assert _rel(fast.matmul(q, rows.T), slow.matmul(q, rows.T)) < 1e-3
+    p, empty = _randn(6, 0, seed=3).view(3, 2, 0), _randn(0, 64, seed=4)
+    assert torch.equal(fast.matmul(p, empty), slow.matmul(p, empty))
+    assert fast.matmul(p, empty).shape == (3, 2, 64)

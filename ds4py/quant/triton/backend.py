@@ -115,8 +115,8 @@ class TritonOps(Ops):
         # float16 tensor cores with float32 sums and result: cached K=V rows and indexer rows are
         # exact in float16; queries and probabilities round as they would in tf32
         a, b = a.half(), b.half()
-        if b.dim() == 2:
-            out = torch.mm(a.reshape(-1, a.shape[-1]), b, out_dtype=torch.float32)
+        if b.dim() == 2:  # flatten, not reshape(-1, K): K is 0 for a part with no rows yet
+            out = torch.mm(a.flatten(0, -2), b, out_dtype=torch.float32)
             return out.view(*a.shape[:-1], b.shape[-1])
         return torch.bmm(a, b, out_dtype=torch.float32)
 
