@@ -12,8 +12,9 @@ two whole 8-value groups (an IQ2_XXS grid octet, half a Q2_K/Q4_K sub-block). Th
 are permuted the same way (x before the launch, h by the gate/up store), so the sums are
 unchanged. Per 8 values: one 8-byte load, two byte permutes (IQ2_XXS: via the grid tables),
 then per value pair one permute + one f16x2 subtract + one f16x2 fma (scale, min).
-Pipelining: activation tiles arrive by cp.async three steps deep; each matrix's MMA runs
-asynchronously while the next tile is decoded.
+Pipelining: each matrix's MMA runs asynchronously while the other's next tile is decoded; a
+tile's weight bytes are loaded a step before its decode and activation tiles arrive by cp.async
+three steps ahead (H200 measurements of each step: docs/PERFORMANCE.md).
 Does not own: routing, tile lists (moe_prefill.py), decode-time experts (moe.py).
 """
 
@@ -33,7 +34,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 FORMATS = (GQ.IQ2_XXS, GQ.Q2_K, GQ.Q4_K)
-BK = 64
 
 
 def fits(gate, up, down) -> bool:
