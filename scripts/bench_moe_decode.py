@@ -44,13 +44,7 @@ from ds4py.quant.triton.tiles import tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # tilings swept besides the defaults (H200 results: docs/PERFORMANCE.md)
-# IQ2_XXS: the persistent kernel (R rows per warp, NC table copies, BPS programs per SM: sm_90
-# registers and shared memory allow ~5 at NC 32); the one-warp kernel is the default
-IQ2_GATE_UP = [
-    dict(R=r, num_warps=w, NC=nc, BPS=b)
-    for r, w, nc, b in ((2, 4, 32, 5), (4, 4, 32, 5), (2, 8, 32, 4), (1, 8, 32, 4),
-                        (2, 4, 16, 8), (4, 4, 32, 3))
-]  # fmt: skip
+IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((2, 1), (8, 2), (8, 4), (16, 4))]
 KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2))]
 # down: R rows per program, the slots in chunks of KC (in registers, or across the warps)
 KQ_DOWN = [

@@ -5,8 +5,6 @@ e = ids[t,i]: two launches (gate+up+SwiGLU per slot; down per token, its k exper
 fixed order, no float atomics), their tilings and a torch reference. IQ2_XXS gate/up and Q2_K /
 Q4_K experts get their own inner loops (lanes own whole groups; int8 activations, dp4a/dp2a;
 IQ2_XXS tables in shared memory), other types rowdot.py's. Expert tensors are in split layout.
-IQ2_XXS gate/up also has a persistent variant (tables replicated per bank, steps prefetched),
-reached through `cfg` only until a device run shows it faster (scripts/bench_moe_decode.py).
 Does not own: routing (the model), prefill (moe_prefill.py, moe_hopper.py).
 """
 
@@ -178,227 +176,6 @@ def _moe_gate_up_iq2_kernel(
                   EMULATE)  # fmt: skip
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
-
-
-@triton.jit
-def _rep_tables(tabs, NC: tl.constexpr, NT: tl.constexpr):
-    """Fill the IQ2_XXS selector words (tiles.tables: 256 grid, 128 sign words) into shared
-    memory declared in inline PTX, grid entries in NC copies and sign entries in NS =
-    min(NC, 16) (copy c of entry e at word NC * e + c, then NS * s + c after the grid), so
-    lanes reading copy lane % NC hit distinct banks: one wavefront per grid lookup at NC = 32,
-    two per sign lookup (one copy cost ~3). 32 sign copies would make 48 KB, over the 47 KB
-    of static shared memory a block may declare on Hopper (1 KB is reserved).
-    NT = the block's threads: one element each, so the declaration is emitted once."""
-    NS: tl.constexpr = min(NC, 16)
-    f = tl.arange(0, NT)
-    if NC == 32:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2rep[10240];\n\tmov.u32 $0, iq2rep;", "=r,r", [f],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    elif NC == 16:
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2rep[6144];\n\tmov.u32 $0, iq2rep;", "=r,r", [f],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    else:
-        tl.static_assert(NC == 8, "table copies: 8, 16 or 32")
-        base = tl.inline_asm_elementwise(
-            ".shared .align 16 .b32 iq2rep[3072];\n\tmov.u32 $0, iq2rep;", "=r,r", [f],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
-    _fill(base, tab32, f, 0, 256, NC, NT)
-    _fill(base + 1024 * NC, tab32 + 256, f, 0, 128, NS, NT)
-    tl.debug_barrier()
-    return base
-
-
-@triton.jit
-def _fill(base, src, f, e0: tl.constexpr, n: tl.constexpr, C: tl.constexpr, NT: tl.constexpr):
-    """C copies of words src[0 .. n) at base (bytes), 16-byte stores: store v holds entry
-    v // (C / 4); a warp's stores cover 512 contiguous bytes (no bank conflicts)."""
-    for r in tl.static_range(n * C // 4 // NT):
-        word = tl.load(src + f // (C // 4) + r * (NT // (C // 4)))
-        tl.inline_asm_elementwise(
-            "st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r",
-            [base + 16 * (f + NT * r), word], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
-def _field(w, LO: tl.constexpr, BITS: tl.constexpr, LG: tl.constexpr):
-    """Bits LO .. LO + BITS of w, shifted up by LG (a table index times its stride)."""
-    if LO >= LG:
-        v = (w >> (LO - LG)) & (((1 << BITS) - 1) << LG)
-    else:
-        v = (w << (LG - LO)) & (((1 << BITS) - 1) << LG)
-    return v
-
-
-@triton.jit
-def _rep_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, lane4, lane4s, tabs, kmag,
-               NC: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """As _iq2_octet with the replicated tables (lane4 / lane4s: the lane's grid / sign copy
-    in bytes); kmag holds the prmt constant in a register (ptxas otherwise re-creates it
-    before every prmt)."""
-    if EMULATE:
-        acc = iq2_octet_dot(a, bu, S, xlo, xhi, acc, tabs, EMULATE)
-    else:
-        LG: tl.constexpr = 2 + NC.bit_length() - 1  # bytes per grid entry: 4 * NC
-        LS: tl.constexpr = 2 + min(NC, 16).bit_length() - 1
-        gi = _field(a, 8 * S, 8, LG)
-        si = _field(bu, 7 * S, 7, LS).to(tl.int32)
-        sel = _lds_rep(gi, lane4, 0) | _lds_rep(si, lane4s, 256 * 4 * NC)
-        acc = dp4a_add(_mags_r(sel, kmag), xlo, acc, EMULATE)
-        acc = dp4a_add(_mags_r(sel >> 16, kmag), xhi, acc, EMULATE)
-    return acc
-
-
-@triton.jit
-def _lds_rep(off, lane4, BASE: tl.constexpr):
-    """The replicated table's word at byte BASE + (off | lane4) (disjoint bits). In PTX, so the
-    table address (plus BASE) stays a separate uniform operand: LLVM would fold it into lane4
-    and cost an add per lookup."""
-    return tl.inline_asm_elementwise(
-        "{\n\t.reg .b32 t, b;\n\tor.b32 t, $1, $2;\n\tmov.u32 b, iq2rep;\n\t"
-        "add.u32 b, b, $3;\n\tadd.u32 t, t, b;\n\tld.shared.b32 $0, [t];\n\t}", "=r,r,r,r",
-        [off, lane4, tl.full(off.shape, BASE, tl.int32)], dtype=tl.int32, is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _mags_r(sel, kmag):
-    """_mags with the positive magnitudes 0x002B1908 passed in a register."""
-    return tl.inline_asm_elementwise(
-        "prmt.b32 $0, $1, 0x00D5E7F8, $2;", "=r,r,r", [kmag, sel], dtype=tl.int32,
-        is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _ld_pair(ptr, EMULATE: tl.constexpr):
-    """Words 0, 1 at int32 pointer ptr (8-byte aligned) in one load, not kept in L1 (weights
-    stream through once; the activations stay)."""
-    if EMULATE:
-        a, b = tl.load(ptr), tl.load(ptr + 1)
-    else:
-        a, b = tl.inline_asm_elementwise(
-            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
-            dtype=(tl.int32, tl.int32), is_pure=False, pack=1,
-        )  # fmt: skip
-    return a, b
-
-
-@triton.jit
-def _ld_quad(ptr, EMULATE: tl.constexpr):
-    """Words 0..3 at int32 pointer ptr (16-byte aligned) in one load (not pure: it stays after
-    anything that orders it, such as the wait for the kernel that wrote the words)."""
-    if EMULATE:
-        w0, w1, w2, w3 = tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3)
-    else:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1,
-        )  # fmt: skip
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def _rep_words(gate, up, ids, F: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, t, p, s,
-               n_prog, lane, RT: tl.constexpr, KTOP: tl.constexpr, QN: tl.constexpr,
-               EMULATE: tl.constexpr):  # fmt: skip
-    """Step s of program p: quarter s % QN (lane l: group 32 q + l) of item p + s // QN *
-    n_prog (slot, RT rows); the gate and up words (a, b) and group scales, [RT, 32] each."""
-    item = p + (s // QN) * n_prog
-    q = s % QN
-    per_slot = F // RT
-    e = tl.load(ids + t * KTOP + item // per_slot).to(tl.int64)
-    rows = (item % per_slot) * RT + tl.arange(0, RT)
-    off = ((e * F + rows) * RB)[:, None] + 8 * lane + 256 * q
-    doff = ((e * F + rows) * RB)[:, None] + D // 4 + 2 * (lane // 8) + 8 * q
-    ga, gb = _ld_pair((gate + off).to(tl.pointer_type(tl.int32)), EMULATE)
-    ua, ub = _ld_pair((up + off).to(tl.pointer_type(tl.int32)), EMULATE)
-    return ga, gb, f16_at(gate + doff), ua, ub, f16_at(up + doff)
-
-
-@triton.jit
-def _rep_dot(a, b, d, lane4, lane4s, tabs, kmag, xp, xsv, NC: tl.constexpr,
-             EMULATE: tl.constexpr):  # fmt: skip
-    """[RT, 32] float partial dots of groups with words a, b and scales d with the int8
-    activation words at xp [1, 32] (8 per group) and their scales xsv."""
-    bu = b.to(tl.uint32, bitcast=True)
-    x0, x1, x2, x3 = _ld_quad(xp, EMULATE)
-    x4, x5, x6, x7 = _ld_quad(xp + 4, EMULATE)
-    s = _rep_octet(a, bu, 0, x0, x1, tl.zeros_like(a), lane4, lane4s, tabs, kmag, NC, EMULATE)
-    s = _rep_octet(a, bu, 1, x2, x3, s, lane4, lane4s, tabs, kmag, NC, EMULATE)
-    s = _rep_octet(a, bu, 2, x4, x5, s, lane4, lane4s, tabs, kmag, NC, EMULATE)
-    s = _rep_octet(a, bu, 3, x6, x7, s, lane4, lane4s, tabs, kmag, NC, EMULATE)
-    s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
-    return s.to(tl.float32) * (d * xsv)
-
-
-@triton.jit
-def _moe_gate_up_rep_kernel(
-    xq, xs, ids, wts, gate, up, tabs, h, clamp, n_prog,
-    F: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, KTOP: tl.constexpr, R: tl.constexpr,
-    NW: tl.constexpr, NC: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    """IQ2_XXS gate/up for one token per grid row, persistent: program p takes items p,
-    p + n_prog, ... of (slot, NW * R rows), each in G / 32 steps of one group per lane and row
-    (tensors [NW * R, 32], a warp's R rows along dim 0, so no data crosses warps); a step's
-    weights are loaded before the previous step's math, the selector tables sit in shared
-    memory in copies (one fill per program)."""
-    RT: tl.constexpr = NW * R
-    QN: tl.constexpr = D // 1024  # steps per item (shapes are constants: divisions are shifts)
-    t = tl.program_id(0)
-    p = tl.program_id(1)
-    n_items = KTOP * (F // RT)
-    n_steps = QN * ((n_items - p + n_prog - 1) // n_prog)
-    lane = tl.arange(0, 32)[None, :]
-    if not EMULATE:
-        _rep_tables(tabs, NC, 32 * NW)
-    lane4, lane4s = 4 * (lane % NC), 4 * (lane % min(NC, 16))
-    kmag = tl.load((tabs + 256).to(tl.pointer_type(tl.int32)) + 384 + 0 * lane)
-    xw = xq + t.to(tl.int64) * (D // 4) + 8 * lane
-    xsp = xs + t.to(tl.int64) * (D // 32) + lane
-    na, nb, nd, ma, mb, md = _rep_words(gate, up, ids, F, D, RB, t, p, 0, n_prog, lane, RT,
-                                        KTOP, QN, EMULATE)  # fmt: skip
-    acc_g = tl.zeros([RT, 32], dtype=tl.float32)
-    acc_u = tl.zeros([RT, 32], dtype=tl.float32)
-    for s in range(0, n_steps):
-        ga, gb, gd, ua, ub, ud = na, nb, nd, ma, mb, md
-        na, nb, nd, ma, mb, md = _rep_words(gate, up, ids, F, D, RB, t, p,
-                                            tl.minimum(s + 1, n_steps - 1), n_prog, lane, RT,
-                                            KTOP, QN, EMULATE)  # fmt: skip
-        q = s % QN
-        xp, xsv = xw + 256 * q, tl.load(xsp + 32 * q)
-        acc_g += _rep_dot(ga, gb, gd, lane4, lane4s, tabs, kmag, xp, xsv, NC, EMULATE)
-        acc_u += _rep_dot(ua, ub, ud, lane4, lane4s, tabs, kmag, xp, xsv, NC, EMULATE)
-        if q == QN - 1:  # the item's rows are complete
-            item = p + (s // QN) * n_prog
-            slot = t * KTOP + item // (F // RT)
-            rows = (item % (F // RT)) * RT + tl.arange(0, RT)
-            g = tl.sum(acc_g, axis=1) * 0.125
-            u = tl.sum(acc_u, axis=1) * 0.125
-            hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
-            _st(h + slot.to(tl.int64) * F + rows, hv, EMULATE)
-            acc_g = tl.zeros([RT, 32], dtype=tl.float32)
-            acc_u = tl.zeros([RT, 32], dtype=tl.float32)
-
-
-@triton.jit
-def _st(ptr, v, EMULATE: tl.constexpr):
-    """Store v [N] float32 at ptr in v's own layout (a row-sum's: every lane of the warp
-    holds it and writes the same word); tl.store would convert the layout through shared
-    memory, which the 48 KB of tables leave no room for."""
-    if EMULATE:
-        tl.store(ptr, v)
-    else:
-        tl.inline_asm_elementwise(
-            "st.global.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-            [ptr, v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -712,14 +489,6 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
             float(clamp), D=dim, KTOP=k, U=dim // 128, FMT=int(gate.qtype), EMULATE=emulate,
             **gu,
         )  # fmt: skip
-    elif "NC" in gu:
-        opts = {k: v for k, v in gu.items() if k != "BPS"}
-        items = k * n_ff // (gu["R"] * gu["num_warps"])
-        n_prog = _programs(items, gu.get("BPS", 1), x.device)
-        _moe_gate_up_rep_kernel[(ids32.shape[0], n_prog)](
-            xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, float(clamp), n_prog, F=n_ff,
-            D=dim, RB=gate.data.shape[-1], KTOP=k, NW=gu["num_warps"], EMULATE=emulate, **opts,
-        )  # fmt: skip
     elif "R" in gu:
         _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
             *common, KTOP=k, G=dim // 32, W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate, **gu
@@ -730,15 +499,6 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
             float(clamp), KTOP=k, FMT=int(gate.qtype), AG=acc_groups(gate.qtype, gu["BK"]),
             EMULATE=emulate, **gu,
         )  # fmt: skip
-
-
-def _programs(items: int, per_sm: int, device: torch.device) -> int:
-    """Programs for `items` work items: at most per_sm per SM, as many items each as the
-    busiest needs (no program idles a round); a few in the interpreter."""
-    if interpreting():
-        return min(items, 3)
-    cap = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return -(-items // -(-items // cap))
 
 
 def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
@@ -761,14 +521,6 @@ def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
 
 
 def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int, gate_up: bool = True) -> bool:
-    if "NC" in c and gate_up and qtype == GQ.IQ2_XXS:  # lane l: groups l, l + 32, ...
-        nc, nw = c["NC"], c["num_warps"]
-        return (
-            cols % 1024 == 0
-            and nc in (8, 16, 32)
-            and min(nc, 16) % nw == 0
-            and (rows % (c["R"] * nw) == 0)
-        )  # rows 8-byte aligned: 1024 k values take 264 k bytes
     if "R" in c and gate_up and qtype == GQ.IQ2_XXS:  # whole rows, one group per lane
         g = cols // 32
         return cols % 256 == 0 and g & (g - 1) == 0 and rows % c["R"] == 0
@@ -808,8 +560,7 @@ def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict |
     else:
         return None
     if interpreting():
-        per_lane_row = c["num_warps"] if "NC" in c else 1
-        c = dict(c, R=min(rows, 256 if gate_up else 512) // per_lane_row)
+        c = dict(c, R=min(rows, 256 if gate_up else 512))
     return c if _tiles_fit(qtype, c, rows, cols, gate_up) else None
 
 
