@@ -34,6 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 FORMATS = (GQ.IQ2_XXS, GQ.Q2_K, GQ.Q4_K)
+# Gluon is experimental: Triton 3.9 renamed 3.6's cp.async entry point
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 
 def fits(gate, up, down) -> bool:
@@ -165,7 +167,8 @@ def _smem_tables(tabs, NW: gl.constexpr):
             "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * j, word],
             dtype=gl.int32, is_pure=False, pack=1,
         )  # fmt: skip
-    gl.thread_barrier()
+    # in PTX like the stores it orders (Gluon renamed its barrier between Triton 3.6 and 3.9)
+    gl.inline_asm_elementwise("bar.sync 0; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -305,9 +308,7 @@ def _a_tile(raw, tab, tabs, k0, FMT: gl.constexpr, SMEM_TAB: gl.constexpr, a_l: 
 @gluon.jit
 def _x_prefetch(x_smem, xrow, xvalid, i, n_steps: gl.constexpr):
     """cp.async the activation tile of step i into buffer i % 3 (zeros past the last step)."""
-    async_copy.async_copy_global_to_shared(
-        x_smem.index(i % 3), xrow + 64 * i, mask=xvalid & (i < n_steps)
-    )
+    _async_load(x_smem.index(i % 3), xrow + 64 * i, mask=xvalid & (i < n_steps))
     async_copy.commit_group()
 
 
