@@ -456,13 +456,13 @@ def grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.
     (token, slot) order."""
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles = order.numel(), tiles.shape[0]
-    bm, nw = cfg["BM"], cfg.get("NW", 4)
+    bm, nw = cfg["BM"], 4  # one warpgroup per program (8 warps measured slower)
     xp = x_kappa(x)
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=x.device)
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
     # IQ2_XXS gate/up at BM 64 fits 128 registers without spilling: four programs per SM
     # instead of three (H200: 2.59 -> 2.49 ms at 2048 routed tokens); the others spill there
-    regs = {"maxnreg": 128} if gate.qtype == GQ.IQ2_XXS and bm == 64 and nw == 4 else {}
+    regs = {"maxnreg": 128} if gate.qtype == GQ.IQ2_XXS and bm == 64 else {}
     _gate_up_kernel[(n_ff // (16 * nw), n_tiles)](
         xp, order, wts, tiles, gate.data, up.data, tabs, h, gate.data.shape[-1], float(clamp),
         F=n_ff, D=dim, KTOP=k, FMT=int(gate.qtype), BM=bm, NW=nw, num_warps=nw, **regs,
