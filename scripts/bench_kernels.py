@@ -178,8 +178,9 @@ def bench_moe_decode(name, gate_t, down_t, n_tok, copy_bw, grid, rows, k=6, n_ex
     per_expert = gate[0].nbytes + up[0].nbytes + down[0].nbytes
     nbytes = len(torch.unique(sets[0])) * per_expert
     want = ref.moe(x, sets[0], wts, gate, up, down, 10.0)
-    default = moe_decode_config(n_tok, k, n_ff, dim, int8=gate_t in INT8_PATH, qtype=gate_t,
-                                down_qtype=down_t)
+    default = moe_decode_config(
+        n_tok, k, n_ff, dim, int8=gate_t in INT8_PATH, qtype=gate_t, down_qtype=down_t
+    )
     results = []
     cands = [moe_decode_config(n_tok, k, n_ff, dim, te, nw) for te in (2048, 4096, 8192)
              for nw in (2, 4, 8)]  # fmt: skip

@@ -33,12 +33,12 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import QTensor  # noqa: E402
-from ds4py.quant.triton.gemv import act_operands  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
     gate_up_launch,
     moe_decode,
     moe_decode_config,
+    operands,
 )
 from ds4py.quant.triton.tiles import tables  # noqa: E402
 
@@ -49,8 +49,7 @@ KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2)
 # down: R rows per program, the slots in chunks of KC (in registers, or across the warps)
 KQ_DOWN = [
     dict(R=r, num_warps=w, KC=kc)
-    for r, w, kc in ((2, 1, 1), (4, 1, 1), (2, 1, 2), (4, 1, 2), (8, 2, 2), (2, 1, 8),
-                     (16, 8, 8))
+    for r, w, kc in ((2, 1, 2), (4, 1, 1), (4, 1, 2), (2, 2, 4), (2, 1, 4), (2, 4, 8))
 ]  # fmt: skip
 
 
@@ -101,7 +100,6 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     h8 = int8_rounded(h_ref)
     out_ref = sum(d @ h8[i] for i, d in enumerate(d_w))[None]
 
-    xo = act_operands(x, True)
     generic = moe_decode_config(1, K, N_FF, DIM, int8=True)
     new = moe_decode_config(1, K, N_FF, DIM, int8=True, qtype=gate_t, down_qtype=down_t)
     print(f"  generic cfg {generic}\n  new default {new}", flush=True)
@@ -110,34 +108,37 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     h_buf = torch.empty(K, N_FF, device=DEV)
     gu_times = {}
     for gu in _unique([generic["gate_up"], new["gate_up"]] + gate_up_cfgs):
+        xo = operands(x, gate_t, gu)
 
-        def run(gu=gu):
+        def run(gu=gu, xo=xo):
             h = torch.empty(K, N_FF, device=DEV)
             gate_up_launch(x, xo, ids, wts, gate, up, tabs, h, CLAMP, gu)
             return h
 
-        calls = [lambda s=s, g=gu: gate_up_launch(x, xo, s, wts, gate, up, tabs, h_buf, CLAMP, g)
+        calls = [lambda s=s, g=gu, xo=xo: gate_up_launch(x, xo, s, wts, gate, up, tabs, h_buf,
+                                                         CLAMP, g)
                  for s in sets]  # fmt: skip
         gu_times[str(gu)] = _timed(str(gu), run, lambda h: rel_err(h, h_ref), calls, gu_mb,
                                    copy_bw), gu  # fmt: skip
 
     print(f"down launch ({dn_mb / 1e6:.1f} MB; err vs reference, tolerance 1e-5)", flush=True)
-    ho = act_operands(h_ref, True)
     o_buf = torch.empty(1, DIM, device=DEV)
     dn_times = {}
     for dn in _unique([generic["down"], new["down"]] + down_cfgs):
+        ho = operands(h_ref, down_t, dn, False)
 
-        def run(dn=dn):
+        def run(dn=dn, ho=ho):
             out = torch.empty(1, DIM, device=DEV)
             down_launch(h_ref, ho, ids, down, tabs, out, dn)
             return out
 
-        calls = [lambda s=s, d=dn: down_launch(h_ref, ho, s, down, tabs, o_buf, d) for s in sets]
+        calls = [lambda s=s, d=dn, ho=ho: down_launch(h_ref, ho, s, down, tabs, o_buf, d)
+                 for s in sets]  # fmt: skip
         dn_times[str(dn)] = _timed(str(dn), run, lambda o: rel_err(o, out_ref), calls, dn_mb,
                                    copy_bw), dn  # fmt: skip
 
     print("activation rounding launch (act.py; moe_decode runs it for x and for h)", flush=True)
-    t_act = time_graph([lambda: act_operands(x, True) for _ in sets])
+    t_act = time_graph([lambda: operands(x, gate_t, new["gate_up"]) for _ in sets])
     print(f"  quantize_act 1 x {DIM}: {t_act * 1e6:.2f} us", flush=True)
 
     want = ref.moe(x, ids.long(), wts, gate, up, down, CLAMP)

@@ -22,13 +22,13 @@ from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import random_qtensor  # noqa: E402
 from ds4py.quant.triton import tiles  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
-from ds4py.quant.triton.gemv import act_operands  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
     gate_up_launch,
     moe_decode,
     moe_decode_config,
     moe_ref,
+    operands,
 )
 
 DEV = "cuda" if CUDA else "cpu"
@@ -87,8 +87,8 @@ def test_down_kernel_matches_reference(qtype, n_ff, dim, k, n_tok, rows, chunk):
     down = _weight(qtype, (5, dim, n_ff), 3)
     ids, _ = _routing(n_tok, 5, k, seed=n_ff)
     h = torch.randn(n_tok * k, n_ff, generator=torch.Generator().manual_seed(1)).to(DEV)
-    got = torch.empty(n_tok, dim, device=DEV)
-    down_launch(h, act_operands(h, True), ids, down, GRID, got, dict(R=rows, KC=chunk))
+    got, cfg = torch.empty(n_tok, dim, device=DEV), dict(R=rows, KC=chunk)
+    down_launch(h, operands(h, qtype, cfg, False), ids, down, GRID, got, cfg)
     assert _rel(got, _down_ref(h, ids, down)) < 1e-5
 
 
@@ -98,20 +98,18 @@ def test_gate_up_kq_kernel_matches_reference(qtype, n_ff, dim, rows):
     gate, up = _weight(qtype, (3, n_ff, dim), 1), _weight(qtype, (3, n_ff, dim), 2)
     x = torch.randn(2, dim, generator=torch.Generator().manual_seed(2)).to(DEV)
     ids, wts = _routing(2, 3, 2, seed=dim)
-    got = torch.empty(4, n_ff, device=DEV)
-    gate_up_launch(x, act_operands(x, True), ids, wts, gate, up, GRID, got, CLAMP,
-                   dict(R=rows, num_warps=2))  # fmt: skip
+    got, cfg = torch.empty(4, n_ff, device=DEV), dict(R=rows, num_warps=2)
+    gate_up_launch(x, operands(x, qtype, cfg), ids, wts, gate, up, GRID, got, CLAMP, cfg)
     assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
 
 
 @pytest.mark.parametrize("dim", [512, 1024])  # rows 4- and 8-byte aligned (word / pair loads)
 def test_gate_up_iq2_kernel_matches_reference(dim):
-    gate, up = (_weight(GQ.IQ2_XXS, (3, 8, dim), s) for s in (1, 2))
+    gate, up = (_weight(GQ.IQ2_XXS, (3, 32, dim), s) for s in (1, 2))
     x = torch.randn(1, dim, generator=torch.Generator().manual_seed(3)).to(DEV)
     ids, wts = _routing(1, 3, 2, seed=4)
-    got = torch.empty(2, 8, device=DEV)
-    gate_up_launch(x, act_operands(x, True), ids, wts, gate, up, GRID, got, CLAMP,
-                   dict(R=4, num_warps=1))  # fmt: skip
+    got, cfg = torch.empty(2, 32, device=DEV), dict(R=4, num_warps=1)
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, cfg), ids, wts, gate, up, GRID, got, CLAMP, cfg)
     assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
 
 

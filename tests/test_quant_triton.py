@@ -21,11 +21,11 @@ CUDA = torch.cuda.is_available()
 from ds4py.quant.formats import random_qtensor  # noqa: E402
 from ds4py.quant.ops import Ops  # noqa: E402
 from ds4py.quant.triton import tiles  # noqa: E402
-from ds4py.quant.triton.act import quantize_act, quantize_act_ref  # noqa: E402
+from ds4py.quant.triton.act import interleaved, quantize_act, quantize_act_ref  # noqa: E402
 from ds4py.quant.triton.backend import TritonOps  # noqa: E402
 from ds4py.quant.triton.gemm import gemm, gemm_ref  # noqa: E402
-from ds4py.quant.triton.gemv import act_operands, gemv, gemv_ref  # noqa: E402
-from ds4py.quant.triton.moe import gate_up_launch, moe_decode, moe_ref  # noqa: E402
+from ds4py.quant.triton.gemv import gemv, gemv_ref  # noqa: E402
+from ds4py.quant.triton.moe import gate_up_launch, moe_decode, moe_ref, operands  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 GRID = tiles.tables(DEV)
@@ -56,10 +56,16 @@ def _decode_ref_input(x: torch.Tensor, qtype) -> torch.Tensor:
     return _int8_rounded(x) if qtype in tiles.INT8_PATH else x
 
 
-def test_quantize_act_matches_reference():
+@pytest.mark.parametrize("interleave", [0, 4, 16])
+def test_quantize_act_matches_reference(interleave):
     x = _randn(3, 512, seed=4) * torch.logspace(-3, 3, 512, device=DEV)
     x[1, :32] = 0  # all-zero group: scale 0
-    (q, scale, sums), (q_ref, scale_ref, sums_ref) = quantize_act(x), quantize_act_ref(x)
+    (q, scale, sums), (q_ref, scale_ref, sums_ref) = (
+        quantize_act(x, interleave),
+        quantize_act_ref(x, interleave),
+    )
+    if interleave:  # the same values as the plain layout, moved
+        assert torch.equal(q, interleaved(quantize_act(x)[0], interleave))
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
     dq = (q.int() - q_ref.int()).abs()  # exact .5 ties may round either way (FMA, order)
     assert dq.max() <= 1 and (dq > 0).float().mean() < 1e-2
@@ -127,10 +133,15 @@ def test_moe_gate_up_iq2_kernel_matches_generic(dim):
     gate, up = (tiles.prepared(_weight(GQ.IQ2_XXS, (3, 8, dim), s)) for s in (1, 2))
     x = _randn(1, dim, seed=3)
     ids, wts = _routing(1, 3, 2, seed=4)
-    ids32, xo = ids.to(torch.int32), act_operands(x, True)
+    ids32, own, generic = (
+        ids.to(torch.int32),
+        dict(R=4, num_warps=1),
+        dict(BN=8, BK=256, num_warps=2),
+    )
     got, want = (torch.empty(2, 8, device=DEV) for _ in range(2))
-    gate_up_launch(x, xo, ids32, wts, gate, up, GRID, got, 1.0, dict(R=4, num_warps=1))
-    gate_up_launch(x, xo, ids32, wts, gate, up, GRID, want, 1.0, dict(BN=8, BK=256, num_warps=2))
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, own), ids32, wts, gate, up, GRID, got, 1.0, own)
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, generic), ids32, wts, gate, up, GRID, want, 1.0,
+                   generic)  # fmt: skip
     assert _rel(got, want) < 1e-5
 
 

@@ -3,10 +3,11 @@
 Owns: `quantize_act(x)` -> (q int8 [R, K], scale f32 [R, K/32], sum16 f32 [R, K/16]) with
 q = round(x / scale), scale = max|x| / 127 per 32 values, and sum16 = scale * (sum of q) per 16
 values, so a kernel using them computes exactly W @ x' with x' = q * scale (the min terms of the
-K-quants included); its kernel and a torch reference. ds4 quantizes activations the same way on
-its decode path. Also the per-16 rounding of the one-token Q8_0 GEMV (`quantize16`: packed int8
-words, -128 * sum(q) and scale per 16 values, the operands gemv.py's `_rows_kernel` reads) and
-its reference (`quantize16_ref`, `round16`). Does not own the dot products (rowdot.py).
+K-quants included); q optionally interleaved for kernels whose lanes each own a run of
+8 * n values (`interleaved`); its kernel and a torch reference. ds4 quantizes activations the
+same way on its decode path. Also the per-16 rounding of the one-token Q8_0 GEMV (`quantize16`:
+packed int8 words, -128 * sum(q) and scale per 16 values, the operands gemv.py's `_rows_kernel`
+reads) and its reference (`quantize16_ref`, `round16`). Does not own the dot products (rowdot.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ds4py.quant.triton.tiles import interpreting
 
 
 @triton.jit
-def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr):
+def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr, IL: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)  # global 32-group index
     idx = g[:, None, None] * 32 + tl.arange(0, 2)[None, :, None] * 16 + tl.arange(0, 16)
@@ -30,34 +31,57 @@ def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr):
     q = tl.floor(v * inv[:, None, None] + 0.5)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     scale = amax / 127.0
+    if IL:  # piece j of owner o at (j * owners + o) * IL
+        idx = ((idx // IL) % 8 * (K // (8 * IL)) + idx // (8 * IL)) * IL + idx % IL
     tl.store(xq + r * K + idx, q.to(tl.int8))
     tl.store(xs + r * (K // 32) + g, scale)
     sums = tl.sum(q, axis=2) * scale[:, None]
     tl.store(xsum + r * (K // 16) + 2 * g[:, None] + tl.arange(0, 2)[None, :], sums)
 
 
-def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x float32 [R, K] (K % 32 == 0) -> (q int8 [R, K], scale [R, K/32], sum16 [R, K/16])."""
-    if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] % 32 or not x.is_contiguous():
-        raise ValueError(f"quantize_act: need contiguous float32 [R, K%32==0], got {x.shape}")
+def quantize_act(
+    x: torch.Tensor, interleave: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 [R, K] (K % 32 == 0) -> (q int8 [R, K], scale [R, K/32], sum16 [R, K/16]);
+    `interleave` n > 0 stores q as `interleaved(q, n)` does."""
+    _check_act(x, interleave)
     rows, k = x.shape
     bk = 256 if k % 256 == 0 else 32
     xq = torch.empty(rows, k, dtype=torch.int8, device=x.device)
     xs = torch.empty(rows, k // 32, dtype=torch.float32, device=x.device)
     xsum = torch.empty(rows, k // 16, dtype=torch.float32, device=x.device)
-    _quant_act_kernel[(rows, k // bk)](x, xq, xs, xsum, k, BK=bk, num_warps=2)
+    _quant_act_kernel[(rows, k // bk)](x, xq, xs, xsum, k, BK=bk, IL=interleave, num_warps=2)
     return xq, xs, xsum
 
 
-def quantize_act_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_act(x: torch.Tensor, interleave: int) -> None:
+    if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] % 32 or not x.is_contiguous():
+        raise ValueError(f"quantize_act: need contiguous float32 [R, K%32==0], got {x.shape}")
+    if interleave not in (0, 4, 16) or interleave and x.shape[1] % (8 * interleave):
+        raise ValueError(f"quantize_act: interleave {interleave} (0, 4 or 16) for K {x.shape[1]}")
+
+
+def interleaved(q: torch.Tensor, n: int) -> torch.Tensor:
+    """q [R, K] with each run of 8 * n values (one lane's: an IQ2_XXS group for n = 4, a K-quant
+    unit of 128 for n = 16) cut in 8 pieces of n and piece j of every run stored together, so
+    a warp loading piece j of 32 runs reads one contiguous span instead of 32 strided ones."""
+    r, k = q.shape
+    return q.view(r, k // (8 * n), 8, n).transpose(1, 2).reshape(r, k)
+
+
+def quantize_act_ref(
+    x: torch.Tensor, interleave: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference with quantize_act's signature."""
+    _check_act(x, interleave)
     groups = x.view(x.shape[0], -1, 32)
     amax = groups.abs().amax(dim=2)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     q = torch.floor(groups * inv[..., None] + 0.5).clamp(-127, 127)
     scale = amax / 127.0
     sums = q.view(x.shape[0], -1, 2, 16).sum(dim=3) * scale[..., None]
-    return q.to(torch.int8).view_as(x), scale, sums.flatten(1)
+    q = q.to(torch.int8).view_as(x)
+    return (interleaved(q, interleave) if interleave else q), scale, sums.flatten(1)
 
 
 @triton.jit

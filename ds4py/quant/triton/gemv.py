@@ -271,11 +271,12 @@ def _check(x: torch.Tensor, w: QTensor) -> int:
     return groups
 
 
-def act_operands(x2: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
-    """(xq as int32 words, scales, 16-sums) for the int8 path; x itself as dummies otherwise."""
+def act_operands(x2: torch.Tensor, int8: bool, interleave: int = 0) -> tuple[torch.Tensor, ...]:
+    """(xq as int32 words, scales, 16-sums) for the int8 path, xq interleaved as quantize_act
+    does; x itself as dummies otherwise."""
     if not int8:
         return x2, x2, x2
-    xq, xs, xsum = quantize_act(x2)
+    xq, xs, xsum = quantize_act(x2, interleave)
     return xq.view(torch.int32), xs, xsum
 
 

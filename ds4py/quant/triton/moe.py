@@ -164,9 +164,10 @@ def _moe_gate_up_iq2_kernel(
     else:
         _smem_tables(tabs)
         tab = _table_base(gg)
-    xw = xq + t * (D // 4) + 8 * gg
-    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
-    x4, x5, x6, x7 = tl.load(xw + 4), tl.load(xw + 5), tl.load(xw + 6), tl.load(xw + 7)
+    xw = xq + t * (D // 4) + gg  # word j of group g at j * G + g (interleaved by 4 bytes)
+    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + G), tl.load(xw + 2 * G), tl.load(xw + 3 * G)
+    x4, x5 = tl.load(xw + 4 * G), tl.load(xw + 5 * G)
+    x6, x7 = tl.load(xw + 6 * G), tl.load(xw + 7 * G)
     xsv = tl.load(xs + t * (D // 32) + gg)
     rr = tl.arange(0, R)
     row_off = ((e * F + r0 + rr) * RB)[:, None]
@@ -269,7 +270,8 @@ def _sums4(x0, x1, x2, x3, EMULATE: tl.constexpr):
 def _q2k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
               EMULATE: tl.constexpr):  # fmt: skip
     """Float dots of Q2_K units (128 weights: block c // 2, half c % 2) of the rows at `row`
-    [..., 1] with int8 activation words xw [..., 1] (32 per unit) and scales xsp (4 per unit):
+    [..., 1] with int8 activation words at xw [..., 1] (32 per unit, interleaved by 16 bytes:
+    piece j at xw + j * K / 32) and scales xsp (4 per unit):
     bit planes masked in place and chained in dp4a (exact: a multiple of 4**p), the 4-bit
     scales and mins of each 16-group pair applied by one dp2a each, floats once per 32."""
     a0, a1, a2, a3 = _words(row + 32 * c, mask, MASKED)  # u = 0: bytes 0-15 of the unit
@@ -284,9 +286,9 @@ def _q2k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
     acc_d = tl.zeros_like(d)
     acc_m = tl.zeros_like(d)
     for p in tl.static_range(4):
-        # plane p: element 128h + 32p + 16u + 4m + k of the unit, activation word 8p + 4u + m
-        xa0, xa1, xa2, xa3 = _split4(tl.load(xw + 8 * p + tl.arange(0, 4)))
-        xb0, xb1, xb2, xb3 = _split4(tl.load(xw + 8 * p + 4 + tl.arange(0, 4)))
+        # plane p: element 128h + 32p + 16u + 4m + k of the unit, activation piece 2p + u
+        xa0, xa1, xa2, xa3 = _split4(tl.load(xw + (2 * p) * (K // 32) + tl.arange(0, 4)))
+        xb0, xb1, xb2, xb3 = _split4(tl.load(xw + (2 * p + 1) * (K // 32) + tl.arange(0, 4)))
         msk = tl.full(a0.shape, 0x03030303, tl.int32) << (2 * p)  # int32: plane 3 sets bit 31
         s0 = dp4a_us(a0 & msk, xa0, tl.zeros_like(a0), EMULATE)
         s0 = dp4a_us(a1 & msk, xa1, s0, EMULATE)
@@ -341,9 +343,9 @@ def _q4k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
         if pp == 1:
             q0, q1, q2, q3, q4, q5, q6, q7 = r0, r1, r2, r3, r4, r5, r6, r7
         for nib in tl.static_range(2):
-            j = 2 * pp + nib  # sub-block of the unit: activation words 8j .. 8j + 7
-            x0, x1, x2, x3 = _split4(tl.load(xw + 8 * j + tl.arange(0, 4)))
-            x4, x5, x6, x7 = _split4(tl.load(xw + 8 * j + 4 + tl.arange(0, 4)))
+            j = 2 * pp + nib  # sub-block of the unit: activation pieces 2j, 2j + 1
+            x0, x1, x2, x3 = _split4(tl.load(xw + (2 * j) * (K // 32) + tl.arange(0, 4)))
+            x4, x5, x6, x7 = _split4(tl.load(xw + (2 * j + 1) * (K // 32) + tl.arange(0, 4)))
             s = dp4a_add((q0 >> (4 * nib)) & 0x0F0F0F0F, x0, tl.zeros_like(q0), EMULATE)
             s = dp4a_add((q1 >> (4 * nib)) & 0x0F0F0F0F, x1, s, EMULATE)
             s = dp4a_add((q2 >> (4 * nib)) & 0x0F0F0F0F, x2, s, EMULATE)
@@ -391,7 +393,7 @@ def _moe_down_kq_kernel(
         slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
         e = tl.load(ids + slot).to(tl.int64)
         row = down + (e * D + rows) * RB  # [R / G, KC, 32, 1]
-        xw = hq + slot * (F // 4) + 32 * c  # [1, KC, 32, 1] int32 words
+        xw = hq + slot * (F // 4) + 4 * c  # [1, KC, 32, 1] int32 words (interleaved)
         xsp = hs + slot * (F // 32) + 4 * c
         part = _kq_unit(row, c, xw, xsp, kk < KTOP, F, FMT, c0 + KC > KTOP, EMULATE)
         acc += tl.sum(part, axis=1)  # [R / G, 32]
@@ -418,7 +420,7 @@ def _moe_gate_up_kq_kernel(
     rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
     mm = tl.arange(0, 2)[None, :, None, None]
     row = gate + mm.to(tl.int64) * up_off + (e * F + rows) * RB  # [R / G, 2, 32, 1]
-    xw = xq + t * (D // 4) + 32 * c + 0 * mm  # each matrix (warp) its own copy: [1, 2, 32, 1]
+    xw = xq + t * (D // 4) + 4 * c + 0 * mm  # each matrix (warp) its own copy: [1, 2, 32, 1]
     xsp = xs + t * (D // 32) + 4 * c + 0 * mm
     part = _kq_unit(row, c, xw, xsp, mm < 2, D, FMT, False, EMULATE)  # [R / G, 2, 32]
     dots = tl.sum(tl.reshape(part, [R // G, 2, G, U]), axis=3)
@@ -466,11 +468,20 @@ def moe_decode(
     ):
         raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
-    xo = act_operands(x, gate.qtype in INT8_PATH)
-    gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu)
+    gate_up_launch(x, operands(x, gate.qtype, gu), ids32, wts, gate, up, tabs, h, clamp, gu)
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
-    down_launch(h, act_operands(h, down.qtype in INT8_PATH), ids32, down, tabs, out, dn)
+    down_launch(h, operands(h, down.qtype, dn, False), ids32, down, tabs, out, dn)
     return out
+
+
+def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tuple:
+    """x's int8 operands (act_operands) as the kernel that `cfg` picks for `qtype` reads them:
+    the dedicated kernels' lanes own whole runs of activations (IQ2_XXS: a 32-group, read in
+    4-byte pieces; Q2_K / Q4_K: a 128-unit, 16-byte pieces), interleaved so that a warp's load
+    of one piece of every run is a contiguous span (Nsight: the strided loads had made the
+    L1 data pipe these kernels' bound)."""
+    interleave = 0 if "R" not in cfg else (4 if gate_up and qtype == GQ.IQ2_XXS else 16)
+    return act_operands(x, qtype in INT8_PATH, interleave)
 
 
 def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
@@ -548,15 +559,14 @@ def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None 
 
 def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict | None:
     """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
-    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 4 rows, Q4_K gate/up
-    1 row (gate and up: 2 row-units per lane), down 4 (Q2_K) or 2 (Q4_K) rows with the slots
-    two at a time (more at once measured slower)."""
+    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 4 rows, Q2_K / Q4_K
+    one lane row (gate and up: 2 row-units per lane; down: the slots one at a time, a lane row
+    the two rows of 16 units: more rows per lane measured slower, as did slots in parallel)."""
     if qtype == GQ.IQ2_XXS and gate_up:
         c = dict(R=4, num_warps=1)
     elif qtype in (GQ.Q2_K, GQ.Q4_K):
         per_lane_row = 32 // max(1, cols // 128)  # rows sharing a warp's lanes
-        r = 1 if gate_up else (4 if qtype == GQ.Q2_K else 2)
-        c = dict(R=max(r, per_lane_row), num_warps=1) | ({} if gate_up else dict(KC=2))
+        c = dict(R=per_lane_row, num_warps=1) | ({} if gate_up else dict(KC=1))
     else:
         return None
     if interpreting():
