@@ -44,12 +44,14 @@ from ds4py.quant.triton.tiles import tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # tilings swept besides the defaults (H200 results: docs/PERFORMANCE.md)
-IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((2, 1), (8, 2), (8, 4), (16, 4))]
+IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((2, 1), (2, 2), (4, 2), (8, 2), (8, 4))]
 KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2))]
-# down: R rows per program, the slots in chunks of KC (in registers, or across the warps)
+# down: R rows per program, the slots in chunks of KC (in registers, or across the warps), the
+# next chunk's loads issued before this one's math when the register cap allows (maxnreg)
 KQ_DOWN = [
-    dict(R=r, num_warps=w, KC=kc)
-    for r, w, kc in ((2, 1, 2), (4, 1, 1), (4, 1, 2), (2, 2, 4), (2, 1, 4), (2, 4, 8))
+    dict(R=r, num_warps=w, KC=kc) | (dict(maxnreg=m) if m else {})
+    for r, w, kc, m in ((2, 1, 1, 0), (2, 1, 2, 0), (2, 1, 2, 128), (2, 1, 1, 168),
+                        (2, 1, 2, 168), (2, 2, 2, 128), (4, 1, 1, 168))
 ]  # fmt: skip
 
 

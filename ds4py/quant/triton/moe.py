@@ -236,23 +236,24 @@ def _split4(v):
 
 
 @triton.jit
-def _words(ptr, mask, MASKED: tl.constexpr):
-    """The four int32 words [..., 4] at ptr [..., 1] (one 16-byte load where aligned)."""
-    p = ptr.to(tl.pointer_type(tl.int32)) + tl.arange(0, 4)
+def _load(p, mask, MASKED: tl.constexpr):
     if MASKED:
         v = tl.load(p, mask=mask, other=0)
     else:
         v = tl.load(p)
-    return _split4(v)
+    return v
+
+
+@triton.jit
+def _words(ptr, mask, MASKED: tl.constexpr):
+    """The four int32 words [..., 4] at ptr [..., 1] (one 16-byte load where aligned)."""
+    p = ptr.to(tl.pointer_type(tl.int32)) + tl.arange(0, 4)
+    return _split4(_load(p, mask, MASKED))
 
 
 @triton.jit
 def _word(ptr, mask, MASKED: tl.constexpr):
-    p = ptr.to(tl.pointer_type(tl.int32))
-    if MASKED:
-        v = tl.load(p, mask=mask, other=0)
-    else:
-        v = tl.load(p)
+    v = _load(ptr.to(tl.pointer_type(tl.int32)), mask, MASKED)
     return tl.reshape(v, v.shape[:-1])  # drop the unit last dim, as split does
 
 
@@ -267,28 +268,57 @@ def _sums4(x0, x1, x2, x3, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _q2k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
-              EMULATE: tl.constexpr):  # fmt: skip
-    """Float dots of Q2_K units (128 weights: block c // 2, half c % 2) of the rows at `row`
-    [..., 1] with int8 activation words at xw [..., 1] (32 per unit, interleaved by 16 bytes:
-    piece j at xw + j * K / 32) and scales xsp (4 per unit):
-    bit planes masked in place and chained in dp4a (exact: a multiple of 4**p), the 4-bit
-    scales and mins of each 16-group pair applied by one dp2a each, floats once per 32."""
+def _x_pieces(xw, xsp, K: tl.constexpr):
+    """A unit's int8 activations (8 pieces of 4 words, interleaved: piece j at xw + j * K / 32)
+    and its 4 scales, as [..., 4] tensors."""
+    i4 = tl.arange(0, 4)
+    xs = _load(xsp + i4, None, False)
+    x0, x1 = _load(xw + i4, None, False), _load(xw + K // 32 + i4, None, False)
+    x2, x3 = (
+        _load(xw + 2 * (K // 32) + i4, None, False),
+        _load(xw + 3 * (K // 32) + i4, None, False),
+    )
+    x4, x5 = (
+        _load(xw + 4 * (K // 32) + i4, None, False),
+        _load(xw + 5 * (K // 32) + i4, None, False),
+    )
+    x6, x7 = (
+        _load(xw + 6 * (K // 32) + i4, None, False),
+        _load(xw + 7 * (K // 32) + i4, None, False),
+    )
+    return xs, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _q2k_load(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr):
+    """Everything _q2k_math reads for the Q2_K units (128 weights: block c // 2, half c % 2) of
+    the rows at `row` [..., 1] and activations at xw, xsp [..., 1] (32 words, 4 scales per
+    unit): loads only, so a caller can issue them a step before the math."""
     a0, a1, a2, a3 = _words(row + 32 * c, mask, MASKED)  # u = 0: bytes 0-15 of the unit
     b0, b1, b2, b3 = _words(row + 32 * c + 16, mask, MASKED)  # u = 1
     # scale bytes of (p, u): word p // 2, byte 2 (p % 2) + u; then d, dmin of block c // 2
     sc_lo = _word(row + K // 4 + 8 * c, mask, MASKED)
     sc_hi = _word(row + K // 4 + 8 * c + 4, mask, MASKED)
     dmw = _word(row + K // 4 + K // 16 + 4 * (c // 2), mask, MASKED)
+    return (a0, a1, a2, a3, b0, b1, b2, b3, sc_lo, sc_hi, dmw) + _x_pieces(xw, xsp, K)
+
+
+@triton.jit
+def _q2k_math(v, EMULATE: tl.constexpr):
+    """Float dots of the units _q2k_load read: bit planes masked in place and chained in dp4a
+    (exact: a multiple of 4**p), the 4-bit scales and mins of each 16-group pair applied by one
+    dp2a each, floats once per 32."""
+    a0, a1, a2, a3, b0, b1, b2, b3 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+    sc_lo, sc_hi, dmw = v[8], v[9], v[10]
     d = (dmw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (dmw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    xs0, xs1, xs2, xs3 = _split4(tl.load(xsp + tl.arange(0, 4)))
+    xs0, xs1, xs2, xs3 = _split4(v[11])
     acc_d = tl.zeros_like(d)
     acc_m = tl.zeros_like(d)
     for p in tl.static_range(4):
         # plane p: element 128h + 32p + 16u + 4m + k of the unit, activation piece 2p + u
-        xa0, xa1, xa2, xa3 = _split4(tl.load(xw + (2 * p) * (K // 32) + tl.arange(0, 4)))
-        xb0, xb1, xb2, xb3 = _split4(tl.load(xw + (2 * p + 1) * (K // 32) + tl.arange(0, 4)))
+        xa0, xa1, xa2, xa3 = _split4(v[12 + 2 * p])
+        xb0, xb1, xb2, xb3 = _split4(v[13 + 2 * p])
         msk = tl.full(a0.shape, 0x03030303, tl.int32) << (2 * p)  # int32: plane 3 sets bit 31
         s0 = dp4a_us(a0 & msk, xa0, tl.zeros_like(a0), EMULATE)
         s0 = dp4a_us(a1 & msk, xa1, s0, EMULATE)
@@ -314,13 +344,10 @@ def _byte(w, J: tl.constexpr):
 
 
 @triton.jit
-def _q4k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
-              EMULATE: tl.constexpr):  # fmt: skip
-    """As _q2k_unit for Q4_K units (128 weights: block c // 2, half h = c % 2, sub-blocks
-    4h .. 4h + 3): nibbles chained in dp4a per 32-sub-block, 6-bit scales and mins unpacked
-    four at a time as bytes (the half picks its set)."""
+def _q4k_load(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr):
+    """As _q2k_load for Q4_K units (128 weights: block c // 2, half c % 2)."""
     # the quant loads first: the layout of `row` follows its first (16-byte) use
-    q0, q1, q2, q3 = _words(row + 64 * c, mask, MASKED)  # pair 0: sub-blocks 0 (low), 1 (high)
+    q0, q1, q2, q3 = _words(row + 64 * c, mask, MASKED)  # pair 0: sub-blocks 0 (lo), 1 (hi)
     q4, q5, q6, q7 = _words(row + 64 * c + 16, mask, MASKED)
     r0, r1, r2, r3 = _words(row + 64 * c + 32, mask, MASKED)  # pair 1: sub-blocks 2, 3
     r4, r5, r6, r7 = _words(row + 64 * c + 48, mask, MASKED)
@@ -330,22 +357,34 @@ def _q4k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
         _word(scb + 4, mask, MASKED),
         _word(scb + 8, mask, MASKED),
     )
-    hi = tl.reshape((c % 2) == 1, c.shape[:-1])
+    dmw = _word(row + K // 2 + 12 * (K // 256) + 4 * (c // 2), mask, MASKED)
+    hi = tl.reshape((c % 2) == 1, c.shape[:-1]).to(tl.int32)
+    return (q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, dmw,
+            hi) + _x_pieces(xw, xsp, K)  # fmt: skip
+
+
+@triton.jit
+def _q4k_math(v, EMULATE: tl.constexpr):
+    """As _q2k_math for Q4_K (sub-blocks 4h .. 4h + 3 of the half h): nibbles chained in dp4a
+    per 32-sub-block, 6-bit scales and mins unpacked four at a time as bytes (the half picks
+    its set)."""
+    w0, w1, w2, dmw, hi = v[16], v[17], v[18], v[19], v[20] != 0
     sc4 = tl.where(hi, (w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030), w0 & 0x3F3F3F3F)
     mn4 = tl.where(hi, ((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030), w1 & 0x3F3F3F3F)
-    dmw = _word(row + K // 2 + 12 * (K // 256) + 4 * (c // 2), mask, MASKED)
     d = (dmw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (dmw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    xs0, xs1, xs2, xs3 = _split4(tl.load(xsp + tl.arange(0, 4)))
+    xs0, xs1, xs2, xs3 = _split4(v[21])
     acc_d = tl.zeros_like(d)
     acc_m = tl.zeros_like(d)
     for pp in tl.static_range(2):  # 64-weight pair: 32 bytes, low nibbles then high nibbles
-        if pp == 1:
-            q0, q1, q2, q3, q4, q5, q6, q7 = r0, r1, r2, r3, r4, r5, r6, r7
+        if pp == 0:
+            q0, q1, q2, q3, q4, q5, q6, q7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+        else:
+            q0, q1, q2, q3, q4, q5, q6, q7 = v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]
         for nib in tl.static_range(2):
             j = 2 * pp + nib  # sub-block of the unit: activation pieces 2j, 2j + 1
-            x0, x1, x2, x3 = _split4(tl.load(xw + (2 * j) * (K // 32) + tl.arange(0, 4)))
-            x4, x5, x6, x7 = _split4(tl.load(xw + (2 * j + 1) * (K // 32) + tl.arange(0, 4)))
+            x0, x1, x2, x3 = _split4(v[22 + 4 * pp + 2 * nib])  # (a constexpr index)
+            x4, x5, x6, x7 = _split4(v[23 + 4 * pp + 2 * nib])
             s = dp4a_add((q0 >> (4 * nib)) & 0x0F0F0F0F, x0, tl.zeros_like(q0), EMULATE)
             s = dp4a_add((q1 >> (4 * nib)) & 0x0F0F0F0F, x1, s, EMULATE)
             s = dp4a_add((q2 >> (4 * nib)) & 0x0F0F0F0F, x2, s, EMULATE)
@@ -362,13 +401,34 @@ def _q4k_unit(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _kq_unit(row, c, xw, xsp, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr,
-             EMULATE: tl.constexpr):  # fmt: skip
+def _kq_load(row, c, xw, xsp, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr):
     if FMT == 10:
-        part = _q2k_unit(row, c, xw, xsp, mask, K, MASKED, EMULATE)
+        v = _q2k_load(row, c, xw, xsp, mask, K, MASKED)
     else:
-        part = _q4k_unit(row, c, xw, xsp, mask, K, MASKED, EMULATE)
+        v = _q4k_load(row, c, xw, xsp, mask, K, MASKED)
+    return v
+
+
+@triton.jit
+def _kq_math(v, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    if FMT == 10:
+        part = _q2k_math(v, EMULATE)
+    else:
+        part = _q4k_math(v, EMULATE)
     return part
+
+
+@triton.jit
+def _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, C0: tl.constexpr, F: tl.constexpr,
+                KTOP: tl.constexpr, KC: tl.constexpr, FMT: tl.constexpr):  # fmt: skip
+    """_kq_load of the slots C0 .. C0 + KC - 1 of token t (past KTOP masked)."""
+    kk = C0 + tl.arange(0, KC)[None, :, None, None]
+    slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
+    e = tl.load(ids + slot).to(tl.int64)
+    row = down + (e * D + rows) * RB  # [R / G, KC, 32, 1]
+    xw = hq + slot * (F // 4) + 4 * c  # [1, KC, 32, 1] int32 words (interleaved)
+    xsp = hs + slot * (F // 32) + 4 * c
+    return _kq_load(row, c, xw, xsp, kk < KTOP, F, FMT, C0 + KC > KTOP)
 
 
 @triton.jit
@@ -379,24 +439,23 @@ def _moe_down_kq_kernel(
 ):  # fmt: skip
     """Q2_K / Q4_K down rows for one token: the slots in chunks of KC (a power of two; past
     KTOP masked), tensors [R / G, KC, 32, .] with a chunk's slots along dim 1 (in registers or
-    across warps), so all their loads are in flight at once; lane l holds 128-weight unit
-    l % U of row G * i + l // U (G = 32 / U), so activations ([1, KC, 32, .]) and weights share
-    a layout. Chunks add in order, each summed by a reduction of fixed order (deterministic)."""
+    across warps), the next chunk's loads issued before this chunk's math (ptxas keeps them
+    there only with registers to spare: maxnreg 128 measured 14 % faster than its own choice of
+    ~70); lane l holds 128-weight unit l % U of row G * i + l // U (G = 32 / U), so activations
+    ([1, KC, 32, .]) and weights share a layout. Chunks add in order, each summed by a
+    reduction of fixed order (deterministic)."""
     G: tl.constexpr = 32 // U
     t = tl.program_id(0)
     lane = tl.arange(0, 32)[None, None, :, None]
     c = lane % U
     rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
     acc = tl.zeros([R // G, 32], dtype=tl.float32)
+    nxt = _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, 0, F, KTOP, KC, FMT)
     for c0 in tl.static_range(0, KTOP, KC):
-        kk = c0 + tl.arange(0, KC)[None, :, None, None]
-        slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
-        e = tl.load(ids + slot).to(tl.int64)
-        row = down + (e * D + rows) * RB  # [R / G, KC, 32, 1]
-        xw = hq + slot * (F // 4) + 4 * c  # [1, KC, 32, 1] int32 words (interleaved)
-        xsp = hs + slot * (F // 32) + 4 * c
-        part = _kq_unit(row, c, xw, xsp, kk < KTOP, F, FMT, c0 + KC > KTOP, EMULATE)
-        acc += tl.sum(part, axis=1)  # [R / G, 32]
+        cur = nxt
+        if c0 + KC < KTOP:  # the next chunk's loads go out before this chunk's math
+            nxt = _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, c0 + KC, F, KTOP, KC, FMT)
+        acc += tl.sum(_kq_math(cur, FMT, EMULATE), axis=1)  # [R / G, 32]
     per_row = tl.sum(tl.reshape(acc, [R // G, G, U]), axis=2)  # lanes of a row are adjacent
     orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
     tl.store(out + t.to(tl.int64) * D + orow, per_row)
@@ -422,7 +481,7 @@ def _moe_gate_up_kq_kernel(
     row = gate + mm.to(tl.int64) * up_off + (e * F + rows) * RB  # [R / G, 2, 32, 1]
     xw = xq + t * (D // 4) + 4 * c + 0 * mm  # each matrix (warp) its own copy: [1, 2, 32, 1]
     xsp = xs + t * (D // 32) + 4 * c + 0 * mm
-    part = _kq_unit(row, c, xw, xsp, mm < 2, D, FMT, False, EMULATE)  # [R / G, 2, 32]
+    part = _kq_math(_kq_load(row, c, xw, xsp, mm < 2, D, FMT, False), FMT, EMULATE)
     dots = tl.sum(tl.reshape(part, [R // G, 2, G, U]), axis=3)
     m3 = tl.arange(0, 2)[None, :, None]
     g = tl.sum(tl.where(m3 == 0, dots, 0.0), axis=1)
@@ -561,16 +620,19 @@ def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict |
     """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
     H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 4 rows, Q2_K / Q4_K
     one lane row (gate and up: 2 row-units per lane; down: the slots one at a time, a lane row
-    the two rows of 16 units: more rows per lane measured slower, as did slots in parallel)."""
+    the two rows of 16 units, 128 registers: more rows per lane measured slower, as did slots
+    in parallel)."""
     if qtype == GQ.IQ2_XXS and gate_up:
         c = dict(R=4, num_warps=1)
     elif qtype in (GQ.Q2_K, GQ.Q4_K):
         per_lane_row = 32 // max(1, cols // 128)  # rows sharing a warp's lanes
-        c = dict(R=per_lane_row, num_warps=1) | ({} if gate_up else dict(KC=1))
+        c = dict(R=per_lane_row, num_warps=1) | ({} if gate_up else dict(KC=1, maxnreg=128))
     else:
         return None
     if interpreting():
-        c = dict(c, R=min(rows, 256 if gate_up else 512))
+        c = {k: v for k, v in c.items() if k != "maxnreg"} | dict(
+            R=min(rows, 256 if gate_up else 512)
+        )
     return c if _tiles_fit(qtype, c, rows, cols, gate_up) else None
 
 
