@@ -146,7 +146,12 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     want = ref.moe(x, ids.long(), wts, gate, up, down, CLAMP)
     print(f"whole moe_decode ({(gu_mb + dn_mb) / 1e6:.1f} MB, 4 launches; err vs f32 "
           "reference, tolerance 3e-2)", flush=True)  # fmt: skip
-    variants = [("generic", generic), ("new default", new)]
+    pdl = moe_decode_config(1, K, N_FF, DIM, int8=True, qtype=gate_t, down_qtype=down_t, pdl=True)
+    variants = [
+        ("generic", generic),
+        ("new default", new),
+        ("new default, PDL (the engine's)", pdl),
+    ]
     best = dict(gate_up=_fastest(gu_times), down=_fastest(dn_times))
     if None not in best.values() and best != new:
         variants.append((f"fastest pair {best}", best))

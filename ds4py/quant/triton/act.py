@@ -21,7 +21,11 @@ from ds4py.quant.triton.tiles import interpreting
 
 
 @triton.jit
-def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr, IL: tl.constexpr):
+def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr, IL: tl.constexpr,
+                      PDL: tl.constexpr):  # fmt: skip
+    if PDL:  # the next kernel may start (and fetch its weights) right away
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)  # global 32-group index
     idx = g[:, None, None] * 32 + tl.arange(0, 2)[None, :, None] * 16 + tl.arange(0, 16)
@@ -40,17 +44,20 @@ def _quant_act_kernel(x, xq, xs, xsum, K, BK: tl.constexpr, IL: tl.constexpr):
 
 
 def quantize_act(
-    x: torch.Tensor, interleave: int = 0
+    x: torch.Tensor, interleave: int = 0, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x float32 [R, K] (K % 32 == 0) -> (q int8 [R, K], scale [R, K/32], sum16 [R, K/16]);
-    `interleave` n > 0 stores q as `interleaved(q, n)` does."""
+    `interleave` n > 0 stores q as `interleaved(q, n)` does; `pdl` launches it as a
+    programmatic dependent of the previous kernel (Hopper and later)."""
     _check_act(x, interleave)
     rows, k = x.shape
     bk = 256 if k % 256 == 0 else 32
     xq = torch.empty(rows, k, dtype=torch.int8, device=x.device)
     xs = torch.empty(rows, k // 32, dtype=torch.float32, device=x.device)
     xsum = torch.empty(rows, k // 16, dtype=torch.float32, device=x.device)
-    _quant_act_kernel[(rows, k // bk)](x, xq, xs, xsum, k, BK=bk, IL=interleave, num_warps=2)
+    _quant_act_kernel[(rows, k // bk)](
+        x, xq, xs, xsum, k, BK=bk, IL=interleave, PDL=pdl, num_warps=2, launch_pdl=pdl
+    )
     return xq, xs, xsum
 
 
@@ -70,9 +77,9 @@ def interleaved(q: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def quantize_act_ref(
-    x: torch.Tensor, interleave: int = 0
+    x: torch.Tensor, interleave: int = 0, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch reference with quantize_act's signature."""
+    """Torch reference with quantize_act's signature (`pdl`, a launch option, does nothing)."""
     _check_act(x, interleave)
     groups = x.view(x.shape[0], -1, 32)
     amax = groups.abs().amax(dim=2)

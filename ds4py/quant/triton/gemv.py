@@ -271,12 +271,13 @@ def _check(x: torch.Tensor, w: QTensor) -> int:
     return groups
 
 
-def act_operands(x2: torch.Tensor, int8: bool, interleave: int = 0) -> tuple[torch.Tensor, ...]:
-    """(xq as int32 words, scales, 16-sums) for the int8 path, xq interleaved as quantize_act
-    does; x itself as dummies otherwise."""
+def act_operands(x2: torch.Tensor, int8: bool, interleave: int = 0,
+                 pdl: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(xq as int32 words, scales, 16-sums) for the int8 path, xq interleaved and the launch
+    as quantize_act's options say; x itself as dummies otherwise."""
     if not int8:
         return x2, x2, x2
-    xq, xs, xsum = quantize_act(x2, interleave)
+    xq, xs, xsum = quantize_act(x2, interleave, pdl)
     return xq.view(torch.int32), xs, xsum
 
 

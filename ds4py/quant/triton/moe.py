@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
-from ds4py.quant.triton.gemv import act_operands, gemv_config
+from ds4py.quant.triton.gemv import act_operands, gemv_config, pdl_ok
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
@@ -126,18 +126,24 @@ def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, tabs, EMULATE: tl.con
 
 
 @triton.jit
-def _iq2_rows(w, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
-              W64: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """Dots [R] of IQ2_XXS rows at byte offsets row_off [R, 1] (split layout) with the token's
-    int8 activations ([1, G] words per 32-group, whole groups per lane so every shift is a
-    constant); one load of all rows' words up front keeps R rows in flight per warp."""
+def _iq2_load(w, row_off, D, gg, W64: tl.constexpr):
+    """Words A, B and scales [R, G] of the IQ2_XXS rows at byte offsets row_off [R, 1] (split
+    layout, whole 32-groups per lane so every shift is a constant): all rows' loads up front
+    keep R rows in flight per warp."""
     if W64:  # rows 8-byte aligned: words A and B in one load
         ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
         a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
     else:
         wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
         a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
-    d = f16_at(w + row_off + D // 4 + 2 * (gg // 8))
+    return a, bu, f16_at(w + row_off + D // 4 + 2 * (gg // 8))
+
+
+@triton.jit
+def _iq2_rows(a, bu, d, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
+              EMULATE: tl.constexpr):  # fmt: skip
+    """Dots [R] of the rows _iq2_load read with the token's int8 activations ([1, G] words
+    per 32-group)."""
     s = _iq2_octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, tabs, EMULATE)
     s = _iq2_octet(a, bu, 1, x2, x3, s, tab, tabs, EMULATE)
     s = _iq2_octet(a, bu, 2, x4, x5, s, tab, tabs, EMULATE)
@@ -147,13 +153,25 @@ def _iq2_rows(w, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
 
 
 @triton.jit
+def _prefetch_l2(ptr):
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _moe_gate_up_iq2_kernel(
     xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
     KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr, W64: tl.constexpr,
-    EMULATE: tl.constexpr,
+    PDL: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """IQ2_XXS gate/up: R rows of one slot per program ([R, G] tensors), selector tables in
-    shared memory, prmt-built weight bytes and chained dp4a (~2.4 SASS instructions/weight)."""
+    shared memory, prmt-built weight bytes and chained dp4a (~2.4 SASS instructions/weight).
+    PDL: the weights (their addresses need the ids, written before x's producer ran) are
+    prefetched into L2 before waiting for the kernel that wrote x."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.program_id(0)
     r0 = tl.program_id(1) * R
     e = tl.load(ids + slot).to(tl.int64)
@@ -164,17 +182,21 @@ def _moe_gate_up_iq2_kernel(
     else:
         _smem_tables(tabs)
         tab = _table_base(gg)
+    rr = tl.arange(0, R)
+    row_off = ((e * F + r0 + rr) * RB)[:, None]
+    if PDL:  # into L2 only: loading them here would cost registers and reorder the math
+        _prefetch_l2(gate + row_off + 8 * gg)
+        _prefetch_l2(up + row_off + 8 * gg)
+        tl.extra.cuda.gdc_wait()
     xw = xq + t * (D // 4) + gg  # word j of group g at j * G + g (interleaved by 4 bytes)
     x0, x1, x2, x3 = tl.load(xw), tl.load(xw + G), tl.load(xw + 2 * G), tl.load(xw + 3 * G)
     x4, x5 = tl.load(xw + 4 * G), tl.load(xw + 5 * G)
     x6, x7 = tl.load(xw + 6 * G), tl.load(xw + 7 * G)
     xsv = tl.load(xs + t * (D // 32) + gg)
-    rr = tl.arange(0, R)
-    row_off = ((e * F + r0 + rr) * RB)[:, None]
-    g = _iq2_rows(gate, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                  EMULATE)  # fmt: skip
-    u = _iq2_rows(up, tabs, tab, row_off, D, gg, xsv, x0, x1, x2, x3, x4, x5, x6, x7, W64,
-                  EMULATE)  # fmt: skip
+    ga, gb, gd = _iq2_load(gate, row_off, D, gg, W64)
+    g = _iq2_rows(ga, gb, gd, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7, EMULATE)
+    ua, ub, ud = _iq2_load(up, row_off, D, gg, W64)
+    u = _iq2_rows(ua, ub, ud, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7, EMULATE)
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
@@ -290,17 +312,16 @@ def _x_pieces(xw, xsp, K: tl.constexpr):
 
 
 @triton.jit
-def _q2k_load(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr):
-    """Everything _q2k_math reads for the Q2_K units (128 weights: block c // 2, half c % 2) of
-    the rows at `row` [..., 1] and activations at xw, xsp [..., 1] (32 words, 4 scales per
-    unit): loads only, so a caller can issue them a step before the math."""
+def _q2k_load(row, c, mask, K: tl.constexpr, MASKED: tl.constexpr):
+    """The weight words _q2k_math reads for the Q2_K units (128 weights: block c // 2, half
+    c % 2) of the rows at `row` [..., 1]: loads only, so a caller can issue them early."""
     a0, a1, a2, a3 = _words(row + 32 * c, mask, MASKED)  # u = 0: bytes 0-15 of the unit
     b0, b1, b2, b3 = _words(row + 32 * c + 16, mask, MASKED)  # u = 1
     # scale bytes of (p, u): word p // 2, byte 2 (p % 2) + u; then d, dmin of block c // 2
     sc_lo = _word(row + K // 4 + 8 * c, mask, MASKED)
     sc_hi = _word(row + K // 4 + 8 * c + 4, mask, MASKED)
     dmw = _word(row + K // 4 + K // 16 + 4 * (c // 2), mask, MASKED)
-    return (a0, a1, a2, a3, b0, b1, b2, b3, sc_lo, sc_hi, dmw) + _x_pieces(xw, xsp, K)
+    return a0, a1, a2, a3, b0, b1, b2, b3, sc_lo, sc_hi, dmw
 
 
 @triton.jit
@@ -344,7 +365,7 @@ def _byte(w, J: tl.constexpr):
 
 
 @triton.jit
-def _q4k_load(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr):
+def _q4k_load(row, c, mask, K: tl.constexpr, MASKED: tl.constexpr):
     """As _q2k_load for Q4_K units (128 weights: block c // 2, half c % 2)."""
     # the quant loads first: the layout of `row` follows its first (16-byte) use
     q0, q1, q2, q3 = _words(row + 64 * c, mask, MASKED)  # pair 0: sub-blocks 0 (lo), 1 (hi)
@@ -360,7 +381,7 @@ def _q4k_load(row, c, xw, xsp, mask, K: tl.constexpr, MASKED: tl.constexpr):
     dmw = _word(row + K // 2 + 12 * (K // 256) + 4 * (c // 2), mask, MASKED)
     hi = tl.reshape((c % 2) == 1, c.shape[:-1]).to(tl.int32)
     return (q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, dmw,
-            hi) + _x_pieces(xw, xsp, K)  # fmt: skip
+            hi)  # fmt: skip
 
 
 @triton.jit
@@ -401,16 +422,17 @@ def _q4k_math(v, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _kq_load(row, c, xw, xsp, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr):
+def _kq_load(row, c, mask, K: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr):
     if FMT == 10:
-        v = _q2k_load(row, c, xw, xsp, mask, K, MASKED)
+        v = _q2k_load(row, c, mask, K, MASKED)
     else:
-        v = _q4k_load(row, c, xw, xsp, mask, K, MASKED)
+        v = _q4k_load(row, c, mask, K, MASKED)
     return v
 
 
 @triton.jit
 def _kq_math(v, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    """Dots of the units whose weights (_kq_load) and activations (_x_pieces) are in v."""
     if FMT == 10:
         part = _q2k_math(v, EMULATE)
     else:
@@ -419,23 +441,29 @@ def _kq_math(v, FMT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, C0: tl.constexpr, F: tl.constexpr,
-                KTOP: tl.constexpr, KC: tl.constexpr, FMT: tl.constexpr):  # fmt: skip
+def _down_weights(ids, down, t, rows, c, D, RB, C0: tl.constexpr, F: tl.constexpr,
+                  KTOP: tl.constexpr, KC: tl.constexpr, FMT: tl.constexpr):  # fmt: skip
     """_kq_load of the slots C0 .. C0 + KC - 1 of token t (past KTOP masked)."""
     kk = C0 + tl.arange(0, KC)[None, :, None, None]
-    slot = (t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
-    e = tl.load(ids + slot).to(tl.int64)
+    e = tl.load(ids + t * KTOP + tl.minimum(kk, KTOP - 1)).to(tl.int64)
     row = down + (e * D + rows) * RB  # [R / G, KC, 32, 1]
-    xw = hq + slot * (F // 4) + 4 * c  # [1, KC, 32, 1] int32 words (interleaved)
-    xsp = hs + slot * (F // 32) + 4 * c
-    return _kq_load(row, c, xw, xsp, kk < KTOP, F, FMT, C0 + KC > KTOP)
+    return _kq_load(row, c, kk < KTOP, F, FMT, C0 + KC > KTOP)
+
+
+@triton.jit
+def _down_acts(hq, hs, t, c, C0: tl.constexpr, F: tl.constexpr, KTOP: tl.constexpr,
+               KC: tl.constexpr):  # fmt: skip
+    """_x_pieces of the same slots ([1, KC, 32, .])."""
+    slot = t * KTOP + tl.minimum(C0 + tl.arange(0, KC)[None, :, None, None], KTOP - 1)
+    slot = slot.to(tl.int64)
+    return _x_pieces(hq + slot * (F // 4) + 4 * c, hs + slot * (F // 32) + 4 * c, F)
 
 
 @triton.jit
 def _moe_down_kq_kernel(
     hq, hs, ids, down, out, D, RB,
     F: tl.constexpr, KTOP: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
-    FMT: tl.constexpr, EMULATE: tl.constexpr,
+    FMT: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """Q2_K / Q4_K down rows for one token: the slots in chunks of KC (a power of two; past
     KTOP masked), tensors [R / G, KC, 32, .] with a chunk's slots along dim 1 (in registers or
@@ -443,18 +471,25 @@ def _moe_down_kq_kernel(
     there only with registers to spare: maxnreg 128 measured 14 % faster than its own choice of
     ~70); lane l holds 128-weight unit l % U of row G * i + l // U (G = 32 / U), so activations
     ([1, KC, 32, .]) and weights share a layout. Chunks add in order, each summed by a
-    reduction of fixed order (deterministic)."""
+    reduction of fixed order (deterministic). PDL: the first chunk's weights are fetched
+    before waiting for the kernel that wrote h."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     G: tl.constexpr = 32 // U
     t = tl.program_id(0)
     lane = tl.arange(0, 32)[None, None, :, None]
     c = lane % U
     rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
     acc = tl.zeros([R // G, 32], dtype=tl.float32)
-    nxt = _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, 0, F, KTOP, KC, FMT)
+    nxt = _down_weights(ids, down, t, rows, c, D, RB, 0, F, KTOP, KC, FMT)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    nxt = nxt + _down_acts(hq, hs, t, c, 0, F, KTOP, KC)
     for c0 in tl.static_range(0, KTOP, KC):
         cur = nxt
         if c0 + KC < KTOP:  # the next chunk's loads go out before this chunk's math
-            nxt = _down_chunk(hq, hs, ids, down, t, rows, c, D, RB, c0 + KC, F, KTOP, KC, FMT)
+            nxt = _down_weights(ids, down, t, rows, c, D, RB, c0 + KC, F, KTOP, KC, FMT)
+            nxt = nxt + _down_acts(hq, hs, t, c, c0 + KC, F, KTOP, KC)
         acc += tl.sum(_kq_math(cur, FMT, EMULATE), axis=1)  # [R / G, 32]
     per_row = tl.sum(tl.reshape(acc, [R // G, G, U]), axis=2)  # lanes of a row are adjacent
     orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
@@ -465,11 +500,14 @@ def _moe_down_kq_kernel(
 def _moe_gate_up_kq_kernel(
     xq, xs, ids, wts, gate, up_off, h, F, RB, clamp,
     D: tl.constexpr, KTOP: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
-    FMT: tl.constexpr, EMULATE: tl.constexpr,
+    FMT: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """Q2_K / Q4_K gate and up rows of one slot: tensors [R / G, 2, 32, .], gate and up along
     dim 1 (separate warps with num_warps=2), lanes as in _moe_down_kq_kernel. up_off: bytes
-    from gate to up (a product keeps the loads' alignment known; a select loses it)."""
+    from gate to up (a product keeps the loads' alignment known; a select loses it). PDL as
+    in the IQ2_XXS kernel."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     G: tl.constexpr = 32 // U
     slot = tl.program_id(0)
     t = (slot // KTOP).to(tl.int64)
@@ -479,9 +517,12 @@ def _moe_gate_up_kq_kernel(
     rows = tl.program_id(1) * R + G * tl.arange(0, R // G)[:, None, None, None] + lane // U
     mm = tl.arange(0, 2)[None, :, None, None]
     row = gate + mm.to(tl.int64) * up_off + (e * F + rows) * RB  # [R / G, 2, 32, 1]
+    w = _kq_load(row, c, mm < 2, D, FMT, False)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     xw = xq + t * (D // 4) + 4 * c + 0 * mm  # each matrix (warp) its own copy: [1, 2, 32, 1]
     xsp = xs + t * (D // 32) + 4 * c + 0 * mm
-    part = _kq_math(_kq_load(row, c, xw, xsp, mm < 2, D, FMT, False), FMT, EMULATE)
+    part = _kq_math(w + _x_pieces(xw, xsp, D), FMT, EMULATE)
     dots = tl.sum(tl.reshape(part, [R // G, 2, G, U]), axis=3)
     m3 = tl.arange(0, 2)[None, :, None]
     g = tl.sum(tl.where(m3 == 0, dots, 0.0), axis=1)
@@ -520,7 +561,8 @@ def moe_decode(
     _, n_ff, dim = gate.shape
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
     cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH,
-                                   qtype=gate.qtype, down_qtype=down.qtype)  # fmt: skip
+                                   qtype=gate.qtype, down_qtype=down.qtype,
+                                   pdl=pdl_ok(x.device))  # fmt: skip
     gu, dn = cfg["gate_up"], cfg["down"]
     if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(
         down.qtype, dn, dim, n_ff, False
@@ -540,7 +582,7 @@ def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tup
     of one piece of every run is a contiguous span (Nsight: the strided loads had made the
     L1 data pipe these kernels' bound)."""
     interleave = 0 if "R" not in cfg else (4 if gate_up and qtype == GQ.IQ2_XXS else 16)
-    return act_operands(x, qtype in INT8_PATH, interleave)
+    return act_operands(x, qtype in INT8_PATH, interleave, bool(cfg.get("PDL")))
 
 
 def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
@@ -552,17 +594,19 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
     slots, emulate = ids32.numel(), interpreting()
     common = (xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
               gate.data.shape[-1], float(clamp))  # fmt: skip
+    own = {"PDL": 0, **gu}
     if "R" in gu and gate.qtype != GQ.IQ2_XXS:
         up_off = up.data.data_ptr() - gate.data.data_ptr()
         _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
             xo[0], xo[1], ids32, wts, gate.data, up_off, h, n_ff, gate.data.shape[-1],
             float(clamp), D=dim, KTOP=k, U=dim // 128, FMT=int(gate.qtype), EMULATE=emulate,
-            **gu,
+            launch_pdl=bool(own["PDL"]), **own,
         )  # fmt: skip
     elif "R" in gu:
         _moe_gate_up_iq2_kernel[(slots, n_ff // gu["R"])](
-            *common, KTOP=k, G=dim // 32, W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate, **gu
-        )
+            *common, KTOP=k, G=dim // 32, W64=gate.data.shape[-1] % 8 == 0, EMULATE=emulate,
+            launch_pdl=bool(own["PDL"]), **own,
+        )  # fmt: skip
     else:
         _moe_gate_up_kernel[(slots, n_ff // gu["BN"])](
             x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
@@ -581,7 +625,7 @@ def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
         _moe_down_kq_kernel[(n_tok, dim // dn["R"])](
             ho[0], ho[1], ids32, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
             U=n_ff // 128, FMT=int(down.qtype), EMULATE=interpreting(),
-            **{"KC": triton.next_power_of_2(k), **dn},
+            launch_pdl=bool(dn.get("PDL")), **{"KC": triton.next_power_of_2(k), "PDL": 0, **dn},
         )  # fmt: skip
         return
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
@@ -604,15 +648,21 @@ def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int, gate_up: bool = True) -
 
 def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None = None,
                       num_warps: int | None = None, int8: bool = True,
-                      qtype: GQ | None = None, down_qtype: GQ | None = None) -> dict:  # fmt: skip
+                      qtype: GQ | None = None, down_qtype: GQ | None = None,
+                      pdl: bool = False) -> dict:  # fmt: skip
     """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up and
     Q2_K/Q4_K experts that fit get their own kernels (the interpreter takes up to 256 / 512 rows
-    per program: its cost is per operation, not per element)."""
+    per program: its cost is per operation, not per element), launched as programmatic
+    dependents with their activation roundings if `pdl` (gemv.pdl_ok)."""
     gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
     down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
     if tile is None and num_warps is None:
-        gate_up = _own_config(qtype, n_ff, dim, True) or gate_up
-        down = _own_config(down_qtype, dim, n_ff, False) or down
+        own = {"PDL": 1} if pdl else {}
+        g_own, d_own = (
+            _own_config(qtype, n_ff, dim, True),
+            _own_config(down_qtype, dim, n_ff, False),
+        )
+        gate_up, down = (g_own | own if g_own else gate_up), (d_own | own if d_own else down)
     return dict(gate_up=gate_up, down=down)
 
 
