@@ -8,6 +8,7 @@ warps, prefetch); µs and % of the copy bandwidth measured in the same run, and 
 error against the kernel's torch reference and against float32 activations. Weights are
 rotated past L2 inside one CUDA graph (bench_kernels.py's timing).
 Usage: python scripts/bench_gemv_decode.py [--out DIR] [--sweep [--budget SECONDS]]
+                                             [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def candidates(qtype: GQ, k: int, rpg: int) -> list[dict]:
     out = []
     for nw in (1, 2, 4, 8):
         for bk in (per_warp * nw, 2 * per_warp * nw):
-            for r in (1, 2, 4):
+            for r in (1, 2, 4, 8):
                 if k % bk == 0 and rpg % r == 0:
                     out.extend(dict(R=r, BK=bk, num_warps=nw, PIPE=p)
                                for p in ((0, 1) if bk < k else (0,)))  # fmt: skip
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for gemv_decode.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds before sweeps stop")
     ap.add_argument("--sweep", action="store_true", help="also time every candidate tiling")
+    ap.add_argument("--only", nargs="*", help="just these GEMVs (names as printed)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv_decode.py needs a CUDA device")
@@ -203,7 +205,8 @@ def main() -> None:
     empty = empty_us()
     print(f"{props.name}: copy {copy_bw / 1e9:.0f} GB/s (read+write), empty kernel {empty:.2f} us",
           flush=True)  # fmt: skip
-    shapes = [Shape(spec, 1, copy_bw, grid) for spec in SHAPES]
+    shapes = [Shape(spec, 1, copy_bw, grid) for spec in SHAPES
+              if not args.only or spec[0] in args.only]  # fmt: skip
     rows = [defaults(sh) for sh in shapes]
     for sh, row in zip(shapes, rows, strict=True):
         if args.sweep:

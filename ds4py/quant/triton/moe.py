@@ -63,14 +63,14 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
-def _smem_tables(tabs):
+def _smem_tables(tabs, MAG: tl.constexpr):
     """Copy the IQ2_XXS selector tables (tiles.tables: 256 grid words, then 128 sign words)
     into shared memory, declared in inline PTX (Triton has no shared-array gather): a warp's
     random lookups there cost ~3 bank cycles against ~6-8 L1 wavefronts from global memory,
     which bounded the global-table kernel (24.0 vs 18.6 us at the q2 shapes on the H200)."""
     tid = tl.arange(0, 32)  # one element per thread of a warp: the declaration is emitted once
     base = tl.inline_asm_elementwise(
-        ".shared .align 16 .b32 iq2tab[384];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
+        ".shared .align 16 .b32 iq2tab[388];\n\tmov.u32 $0, iq2tab;", "=r,r", [tid],
         dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     tab32 = (tabs + 256).to(tl.pointer_type(tl.int32))
@@ -79,6 +79,11 @@ def _smem_tables(tabs):
         word = tl.load(tab32 + i)
         tl.inline_asm_elementwise(
             "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * i, word],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    if MAG:  # word 384: the prmt magnitudes, read back once into a register (see _mags)
+        tl.inline_asm_elementwise(
+            "st.shared.b32 [$1+1536], 0x002B1908;\n\tmov.u32 $0, 0;", "=r,r", [base],
             dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
     tl.debug_barrier()
@@ -101,16 +106,27 @@ def _lds(addr):
 
 
 @triton.jit
-def _mags(sel):
-    """Four signed weight bytes from selector nibbles (code | sign << 2; magnitudes 8, 25, 43)."""
-    return tl.inline_asm_elementwise(
-        "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=tl.int32, is_pure=True,
-        pack=1,
-    )  # fmt: skip
+def _mags(sel, mag, MAGR: tl.constexpr):
+    """Four signed weight bytes from selector nibbles (code | sign << 2): bytes of `mag`
+    (0x002B1908: magnitudes 8, 25, 43), or of 0x00D5E7F8 (their negatives). As an immediate,
+    ptxas re-materialises `mag` before every prmt at 128 registers (256 instructions per
+    program); read from shared memory (MAGR) it stays in one register."""
+    if MAGR:
+        v = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $2, 0x00D5E7F8, $1;", "=r,r,r", [sel, mag], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        v = tl.inline_asm_elementwise(
+            "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return v
 
 
 @triton.jit
-def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, tabs, EMULATE: tl.constexpr):
+def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, mag, tabs, MAGR: tl.constexpr,
+               EMULATE: tl.constexpr):  # fmt: skip
     """acc + dot of octet S of IQ2_XXS groups (words a, bu) with int8 words xlo, xhi: two
     selector words (grid codes, signs) from the shared table at `tab` OR into one `prmt`
     selector; the interpreter reads the same tables from global memory (tiles.py)."""
@@ -120,8 +136,8 @@ def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, tabs, EMULATE: tl.con
         gi = ((a >> (8 * S)) & 255) * 4
         si = ((bu >> (7 * S)) & 127).to(tl.int32) * 4
         sel = _lds(tab + gi) | _lds(tab + 1024 + si)
-        acc = dp4a_add(_mags(sel), xlo, acc, EMULATE)
-        acc = dp4a_add(_mags(sel >> 16), xhi, acc, EMULATE)
+        acc = dp4a_add(_mags(sel, mag, MAGR), xlo, acc, EMULATE)
+        acc = dp4a_add(_mags(sel >> 16, mag, MAGR), xhi, acc, EMULATE)
     return acc
 
 
@@ -140,14 +156,14 @@ def _iq2_load(w, row_off, D, gg, W64: tl.constexpr):
 
 
 @triton.jit
-def _iq2_rows(a, bu, d, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
-              EMULATE: tl.constexpr):  # fmt: skip
+def _iq2_rows(a, bu, d, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
+              MAGR: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
     """Dots [R] of the rows _iq2_load read with the token's int8 activations ([1, G] words
     per 32-group)."""
-    s = _iq2_octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, tabs, EMULATE)
-    s = _iq2_octet(a, bu, 1, x2, x3, s, tab, tabs, EMULATE)
-    s = _iq2_octet(a, bu, 2, x4, x5, s, tab, tabs, EMULATE)
-    s = _iq2_octet(a, bu, 3, x6, x7, s, tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, mag, tabs, MAGR, EMULATE)
+    s = _iq2_octet(a, bu, 1, x2, x3, s, tab, mag, tabs, MAGR, EMULATE)
+    s = _iq2_octet(a, bu, 2, x4, x5, s, tab, mag, tabs, MAGR, EMULATE)
+    s = _iq2_octet(a, bu, 3, x6, x7, s, tab, mag, tabs, MAGR, EMULATE)
     s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
     return tl.sum(s.to(tl.float32) * (d * xsv), axis=1) * 0.125
 
@@ -178,10 +194,13 @@ def _moe_gate_up_iq2_kernel(
     t = (slot // KTOP).to(tl.int64)
     gg = tl.arange(0, G)[None, :]
     if EMULATE:
-        tab = gg
+        tab, mag = gg, gg
     else:
-        _smem_tables(tabs)
+        _smem_tables(tabs, PDL)
         tab = _table_base(gg)
+        # mag in a register: with the prefetches' registers (PDL) measured 2 us faster; without
+        # them (even the constant's store changes ptxas' allocation) 96 registers, 1.5 us slower
+        mag = _lds(_table_base(tl.arange(0, 1)[None, :]) + 1536)  # [1, 1]
     rr = tl.arange(0, R)
     row_off = ((e * F + r0 + rr) * RB)[:, None]
     if PDL:  # into L2 only: loading them here would cost registers and reorder the math
@@ -194,9 +213,9 @@ def _moe_gate_up_iq2_kernel(
     x6, x7 = tl.load(xw + 6 * G), tl.load(xw + 7 * G)
     xsv = tl.load(xs + t * (D // 32) + gg)
     ga, gb, gd = _iq2_load(gate, row_off, D, gg, W64)
-    g = _iq2_rows(ga, gb, gd, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7, EMULATE)
+    g = _iq2_rows(ga, gb, gd, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, PDL, EMULATE)
     ua, ub, ud = _iq2_load(up, row_off, D, gg, W64)
-    u = _iq2_rows(ua, ub, ud, tabs, tab, xsv, x0, x1, x2, x3, x4, x5, x6, x7, EMULATE)
+    u = _iq2_rows(ua, ub, ud, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, PDL, EMULATE)
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
