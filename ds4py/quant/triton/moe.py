@@ -28,6 +28,7 @@ from ds4py.quant.triton.tiles import (
     iq2_octet_dot,
     kernel_ok,
     prepared,
+    signed_mags,
 )
 
 # ---- Decode ----------------------------------------------------------------------------------
@@ -107,20 +108,16 @@ def _lds(addr):
 
 @triton.jit
 def _mags(sel, mag, MAGR: tl.constexpr):
-    """Four signed weight bytes from selector nibbles (code | sign << 2): bytes of `mag`
-    (0x002B1908: magnitudes 8, 25, 43), or of 0x00D5E7F8 (their negatives). As an immediate,
-    ptxas re-materialises `mag` before every prmt at 128 registers (256 instructions per
-    program); read from shared memory (MAGR) it stays in one register."""
+    """tiles.signed_mags; MAGR: with its magnitude word (0x002B1908) from the register `mag`,
+    read from shared memory: as an immediate, ptxas re-materialises it before every prmt at
+    128 registers (256 instructions per program)."""
     if MAGR:
         v = tl.inline_asm_elementwise(
             "prmt.b32 $0, $2, 0x00D5E7F8, $1;", "=r,r,r", [sel, mag], dtype=tl.int32,
             is_pure=True, pack=1,
         )  # fmt: skip
     else:
-        v = tl.inline_asm_elementwise(
-            "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=tl.int32,
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        v = signed_mags(sel, False)
     return v
 
 
