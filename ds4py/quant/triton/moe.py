@@ -3,8 +3,10 @@
 Owns: out[t] = sum_i down[e] @ (w[t,i] * silu(min(gate[e] x, c)) * clamp(up[e] x, -c, c)),
 e = ids[t,i]: two launches (gate+up+SwiGLU per slot; down per token, its k experts summed in a
 fixed order, no float atomics), their tilings and a torch reference. IQ2_XXS gate/up and Q2_K /
-Q4_K experts get their own inner loops (lanes own whole groups; int8 activations, dp4a/dp2a;
-IQ2_XXS tables in shared memory), other types rowdot.py's. Expert tensors are in split layout.
+Q4_K experts get their own inner loops (lanes own whole groups; int8 activations interleaved
+to match, dp4a/dp2a; IQ2_XXS tables in shared memory; on Hopper the launches and their
+activation roundings chained by programmatic dependent launch), other types rowdot.py's.
+Expert tensors are in split layout.
 Does not own: routing (the model), prefill (moe_prefill.py, moe_hopper.py).
 """
 
@@ -310,20 +312,11 @@ def _x_pieces(xw, xsp, K: tl.constexpr):
     """A unit's int8 activations (8 pieces of 4 words, interleaved: piece j at xw + j * K / 32)
     and its 4 scales, as [..., 4] tensors."""
     i4 = tl.arange(0, 4)
-    xs = _load(xsp + i4, None, False)
-    x0, x1 = _load(xw + i4, None, False), _load(xw + K // 32 + i4, None, False)
-    x2, x3 = (
-        _load(xw + 2 * (K // 32) + i4, None, False),
-        _load(xw + 3 * (K // 32) + i4, None, False),
-    )
-    x4, x5 = (
-        _load(xw + 4 * (K // 32) + i4, None, False),
-        _load(xw + 5 * (K // 32) + i4, None, False),
-    )
-    x6, x7 = (
-        _load(xw + 6 * (K // 32) + i4, None, False),
-        _load(xw + 7 * (K // 32) + i4, None, False),
-    )
+    xs = tl.load(xsp + i4)
+    x0, x1 = tl.load(xw + i4), tl.load(xw + K // 32 + i4)
+    x2, x3 = tl.load(xw + 2 * (K // 32) + i4), tl.load(xw + 3 * (K // 32) + i4)
+    x4, x5 = tl.load(xw + 4 * (K // 32) + i4), tl.load(xw + 5 * (K // 32) + i4)
+    x6, x7 = tl.load(xw + 6 * (K // 32) + i4), tl.load(xw + 7 * (K // 32) + i4)
     return xs, x0, x1, x2, x3, x4, x5, x6, x7
 
 
