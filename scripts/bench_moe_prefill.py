@@ -89,7 +89,7 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
                                                                   CLAMP, tabs, c))  # fmt: skip
     parts = {
         "expert_tiles": lambda: new.expert_tiles(ids, N_EXP, 64),
-        "x to f16 in kappa order": lambda: hopper.x_kappa(x),
+        "x to f16 in kappa order": lambda: hopper.x_kappa(x, gate_t),
         "sum of k slots": lambda: want.new_empty(n_tok * K, DIM).view(n_tok, K, DIM).sum(dim=1),
     }
     print("  overheads (ms): " + ", ".join(f"{k} {time_eager(f, reps=5) * 1e3:.3f}"

@@ -112,18 +112,34 @@ def test_config_fits_small_experts_and_rejects_misfits():
         mp.moe_prefill(x, ids, torch.ones(3, 1, device=DEV), gate, gate, down, 1.0, TABS)
 
 
-def test_kappa_order_gives_each_lane_sixteen_consecutive_columns():
-    # wgmma A fragment: lane t holds MMA columns 16b + 8hi + 2t + e of each 64; the permuted x
-    # must hand it original columns 16t .. 16t+15 (two whole 8-value groups), each once
+def _byte_lane_step(qtype, j):
+    """For column j of a 256-block: the A-fragment lane quarter whose 16-byte (Q4_K: 32-byte)
+    run of the block's quants holds it, and the MMA step (of four) that must decode it."""
+    if qtype == GQ.IQ2_XXS:  # 8 bytes per 32-group; step = octet of the group
+        return (j // 32) // 2, (j % 32) // 8
+    if qtype == GQ.Q2_K:  # byte 32 (j // 128) + j % 32, 2-bit plane (j % 128) // 32
+        return (32 * (j // 128) + j % 32) // 16, (j % 128) // 32
+    # Q4_K: byte 32 (j // 64) + j % 32, nibble (j % 64) // 32; step = half + 2 nibble
+    return j // 64, (j % 32) // 16 + 2 * ((j % 64) // 32)
+
+
+@pytest.mark.parametrize("qtype", [GQ.IQ2_XXS, GQ.Q2_K, GQ.Q4_K])
+def test_kappa_order_hands_each_lane_its_own_bytes(qtype):
+    # wgmma A fragment: lane quarter t holds MMA columns 16b + 8hi + 2t + e of each 64; the
+    # permuted x must hand it, at step s of each 256-column block, columns whose quants are in
+    # the bytes that lane loads for the block and that step s decodes, each column once
     from ds4py.quant.triton import moe_hopper
 
-    x = torch.arange(2 * 128, dtype=torch.float32, device=DEV).view(2, 128)
-    xp = moe_hopper.x_kappa(x).float()
+    x = torch.arange(2 * 512, dtype=torch.float32, device=DEV).view(2, 512)
+    xp = moe_hopper.x_kappa(x, qtype).float()
     assert xp.dtype == torch.float32 and torch.equal(xp.sort(dim=1).values, x)
-    for kappa in range(128):
-        b, hi, t = (kappa % 64) // 16, (kappa % 16) // 8, (kappa % 8) // 2
-        orig = int(xp[0, kappa].item())
-        assert orig // 64 == kappa // 64 and (orig % 64) // 16 == t, (kappa, orig, b, hi)
+    for c in range(512):
+        orig = int(xp[0, c].item())
+        assert orig // 256 == c // 256, (c, orig)
+        lane, step = _byte_lane_step(qtype, orig % 256)
+        assert (lane, step) == ((c % 8) // 2, (c // 64) % 4), (c, orig)
+        if c % 2:  # value pairs stay adjacent: one f16x2 per two neighbouring bytes
+            assert orig == int(xp[0, c - 1].item()) + 1, (c, orig)
 
 
 @pytest.mark.gpu

@@ -6,15 +6,18 @@ Owns: the gate/up and down launches of `moe_prefill` for IQ2_XXS / Q2_K / Q4_K e
 reference path and the one the interpreter tests). Why Gluon: in Triton the decoded tile goes
 through shared memory (four store/barrier/load rounds per 64x64 tile) to reach the wgmma
 register layout; Gluon lets each lane decode exactly the values its A fragment holds.
-How: lane t of an m64k16 A fragment holds k = 2t, 2t+1, 2t+8, 2t+9 of each 16 columns. Columns
-are permuted (`kappa`) so that, within each 64, lane t holds the original columns 16t..16t+15:
-two whole 8-value groups (an IQ2_XXS grid octet, half a Q2_K/Q4_K sub-block). The activations
-are permuted the same way (x before the launch, h by the gate/up store), so the sums are
-unchanged. Per 8 values: one 8-byte load, two byte permutes (IQ2_XXS: via the grid tables),
-then per value pair one permute + one f16x2 subtract + one f16x2 fma (scale, min).
+How: lane t of an m64k16 A fragment holds k = 2t, 2t+1, 2t+8, 2t+9 of each 16 columns (t, the
+lane's quarter). Columns are permuted (`kappa`, per weight format) so that over the four MMA
+steps of a 256-column block, lane t decodes exactly the values in one 16-byte run of the
+block's quants (Q4_K: 32 bytes), loaded once per block and row; each step it takes 16 of them
+(two octets: IQ2_XXS grid octets, or a Q2_K 2-bit plane / Q4_K nibble of 16 bytes), so every
+shift is a constant. The activations are permuted the same way (x before the launch, h by the
+gate/up store, in the down format's order), so the sums are unchanged. Per 8 values: two byte
+permutes (IQ2_XXS: via the grid tables) or shifts, then per value pair one permute + one f16x2
+subtract + one f16x2 fma (scale, min).
 Pipelining: each matrix's MMA runs asynchronously while the other's next tile is decoded; a
-tile's weight bytes are loaded a step before its decode and activation tiles arrive by cp.async
-three steps ahead (H200 measurements of each step: docs/PERFORMANCE.md).
+block's weight bytes are loaded one to two steps before its first decode and activation tiles
+arrive by cp.async three steps ahead (H200 measurements of each step: docs/PERFORMANCE.md).
 Does not own: routing, tile lists (moe_prefill.py), decode-time experts (moe.py).
 """
 
@@ -55,43 +58,58 @@ def supported(gate, up, down) -> bool:
 
 
 @triton.jit
-def _kappa_source(c):
-    """Original column read by MMA column c (within every 64)."""
+def _kappa_source(c, FMT: tl.constexpr):
+    """Original column read by MMA column c. MMA step s (64 columns) of 256-column block b,
+    A-fragment lane quarter t, octet o0 of the lane, value w of the octet:"""
     k = c % 64
-    e, o1, o2 = k & 1, (k >> 1) & 1, (k >> 2) & 1
-    q0, q1, o0 = (k >> 3) & 1, (k >> 4) & 1, (k >> 5) & 1
-    return c - k + 8 * (o0 + 2 * o1 + 4 * o2) + 2 * (q0 + 2 * q1) + e
+    t, o0 = (k >> 1) & 3, (k >> 5) & 1
+    w = 2 * (((k >> 3) & 1) + 2 * ((k >> 4) & 1)) + (k & 1)
+    s = (c // 64) % 4
+    if FMT == 16:  # IQ2_XXS: lane t's bytes are groups 2t, 2t + 1; step s reads octet s of each
+        src = 64 * t + 32 * o0 + 8 * s + w
+    elif FMT == 10:  # Q2_K: lane t's bytes 16t .. 16t + 15 hold 4 planes; step s reads plane s
+        src = 128 * (t // 2) + 16 * (t % 2) + 32 * s + 8 * o0 + w
+    else:  # Q4_K: lane t's bytes 32t .. 32t + 31; step s reads half s % 2, nibble s // 2
+        src = 64 * t + 16 * s + 8 * o0 + w
+    return c - c % 256 + src
 
 
 @triton.jit
-def _x_kappa_kernel(x, xp, D, BLOCK: tl.constexpr):
+def _x_kappa_kernel(x, xp, D, FMT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(x + t * D + _kappa_source(c))
+    v = tl.load(x + t * D + _kappa_source(c, FMT))
     tl.store(xp + t * D + c, v.to(tl.float16))
 
 
-def x_kappa(x: torch.Tensor) -> torch.Tensor:
-    """float16 x with columns in MMA (kappa) order: what the gate/up kernel reads."""
+def x_kappa(x: torch.Tensor, qtype: GQ) -> torch.Tensor:
+    """float16 x with columns in the MMA (kappa) order of `qtype` weights: what the gate/up
+    kernel reads."""
     x = x.contiguous()
     xp = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    _x_kappa_kernel[(x.shape[0], x.shape[1] // 64)](x, xp, x.shape[1], BLOCK=64)
+    _x_kappa_kernel[(x.shape[0], x.shape[1] // 64)](x, xp, x.shape[1], FMT=int(qtype), BLOCK=64)
     return xp
 
 
 @gluon.jit
-def _kappa(c):
+def _kappa(c, FMT: gl.constexpr):
     """MMA column of original column c (the inverse of `_kappa_source`)."""
-    k = c % 64
-    e, q0, q1 = k & 1, (k >> 1) & 1, (k >> 2) & 1
-    o0, o1, o2 = (k >> 3) & 1, (k >> 4) & 1, (k >> 5) & 1
-    return c - k + e + 2 * o1 + 4 * o2 + 8 * q0 + 16 * q1 + 32 * o0
+    r = c % 256
+    w = r % 8
+    if FMT == 16:
+        t, o0, s = r // 64, (r // 32) % 2, (r // 8) % 4
+    elif FMT == 10:
+        t, o0, s = 2 * (r // 128) + (r // 16) % 2, (r // 8) % 2, (r // 32) % 4
+    else:
+        t, o0, s = r // 64, (r // 8) % 2, (r // 16) % 4
+    k = (w & 1) + 2 * t + 8 * ((w >> 1) & 1) + 16 * (w >> 2) + 32 * o0
+    return c - r + 64 * s + k
 
 
 @gluon.constexpr_function
 def _pair_layout(nw):
-    # [rows, octet, pair]: lane 4r + t owns rows 16w + r (+8) and octets 2t, 2t+1, as the
-    # wgmma A fragment does after the kappa permutation
+    # [rows, octet, pair]: lane 4r + t owns rows 16w + r (+8) and octets 2t, 2t+1 of each MMA
+    # step, as the wgmma A fragment does after the kappa permutation
     warps = [[16 << i, 0, 0] for i in range(nw.bit_length() - 1)]
     return gl.DistributedLinearLayout(
         reg_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [8, 0, 0]],
@@ -102,8 +120,8 @@ def _pair_layout(nw):
 
 @gluon.constexpr_function
 def _quad_layout(nw):
-    # [rows, octet pair]: the same lanes as _pair_layout, one element per pair of octets (both
-    # octets of a lane share their scales), so scales are loaded and computed once
+    # [rows, lane quarter]: the same lanes as _pair_layout, one element per lane and row (its
+    # quant bytes of a block, its scales), so those are loaded and computed once
     warps = [[16 << i, 0] for i in range(nw.bit_length() - 1)]
     return gl.DistributedLinearLayout(
         reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
@@ -112,10 +130,16 @@ def _quad_layout(nw):
 
 
 @gluon.jit
-def _octets(t, pair_l: gl.constexpr):
-    """[BN, 4] per octet pair -> [BN, 8] per octet (each value twice, in the same registers)."""
-    t = gl.reshape(gl.join(t, t), [t.shape[0], 8])
+def _pair(t0, t1, pair_l: gl.constexpr):
+    """[BN, 4] per lane quarter, for octets 0 and 1 of the lane -> [BN, 8] per octet."""
+    t = gl.reshape(gl.join(t0, t1), [t0.shape[0], 8])
     return gl.convert_layout(t, gl.SliceLayout(2, pair_l))
+
+
+@gluon.jit
+def _octets(t, pair_l: gl.constexpr):
+    """[BN, 4] per lane quarter -> [BN, 8] per octet (each value twice, in the same registers)."""
+    return _pair(t, t, pair_l)
 
 
 @gluon.constexpr_function
@@ -137,11 +161,10 @@ def _f16x2(v):
 
 
 @gluon.jit
-def _permute_bytes(a: gl.constexpr, b: gl.constexpr, sel):
-    z = gl.zeros_like(sel)
+def _permute_bytes(a, b: gl.constexpr, sel):
     return gl.inline_asm_elementwise(
-        "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a + z, b + z, sel], dtype=gl.int32, is_pure=True,
-        pack=1,
+        "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b + gl.zeros_like(sel), sel], dtype=gl.int32,
+        is_pure=True, pack=1,
     )  # fmt: skip
 
 
@@ -167,6 +190,12 @@ def _smem_tables(tabs, NW: gl.constexpr):
             "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * j, word],
             dtype=gl.int32, is_pure=False, pack=1,
         )  # fmt: skip
+    # words 384-387: the permute's magnitude word (tiles.tables), read back by `_magnitudes`
+    word = gl.load(tab32 + 384 + 0 * i)
+    gl.inline_asm_elementwise(
+        "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 1536 + 4 * (i % 4), word],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
     # in PTX like the stores it orders (Gluon renamed its barrier between Triton 3.6 and 3.9)
     gl.inline_asm_elementwise("bar.sync 0; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
@@ -178,6 +207,15 @@ def _table_base(like):
     return gl.inline_asm_elementwise(
         "mov.u32 $0, iq2tab;", "=r,r", [like], dtype=gl.int32, is_pure=False, pack=1
     )
+
+
+@gluon.jit
+def _magnitudes(tab, pair_l: gl.constexpr):
+    """The permute's magnitude word for every element of `tab` ([BN, 8]), each lane reading one
+    of four copies: ptxas keeps a value it cannot prove uniform in a register, where it would
+    rebuild a constant (or a uniform register's copy) before each of the 16 permutes per step."""
+    o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))
+    return _lds(tab + 1536 + 4 * ((o // 2) % 4)[None, :])
 
 
 @gluon.jit
@@ -212,95 +250,104 @@ def _to_a(lo, hi, bias, a2, c2, a_l: gl.constexpr, pair_l: gl.constexpr, BN: gl.
 
 
 @gluon.jit
-def _a_raw(w, row_off, K, k0, FMT: gl.constexpr, pair_l: gl.constexpr, quad_l: gl.constexpr,
-           BN: gl.constexpr):  # fmt: skip
-    """The bytes behind the A operand of original columns k0 .. k0 + 64 (rows at byte offsets
-    row_off [BN]), as loaded: (quants, scale, min, scale bytes; unused ones zero), scales per
-    octet pair. Loaded a step before `_a_tile` decodes them, so the weight reads overlap the
-    MMAs."""
-    o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))  # 8-value group
-    p = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))  # octets 2p, 2p + 1
-    base = w + row_off[:, None]
-    base4 = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
-    zero = gl.zeros([BN, 4], gl.uint8, layout=quad_l)
-    if FMT == 16:  # IQ2_XXS: 32-value groups of words A (grid indices), B (signs, scale)
-        g = k0 // 32 + p // 2
-        q = gl.load((base4 + 8 * g[None, :]).to(gl.pointer_type(gl.int64)))
-        d = gl.load((base4 + K // 4 + 2 * (g // 8)[None, :]).to(gl.pointer_type(gl.float16)))
-        raw = (q, d, d, zero, zero, zero)
-    elif FMT == 10:  # Q2_K: 16-value sub-blocks, 2-bit planes of 32-byte runs
-        gs = k0 // 16 + o // 2
-        b, s = gs // 16, gs % 16
-        qoff = 64 * b + 32 * (s // 8) + 16 * (s % 2) + 8 * (o % 2)
-        q = gl.load((base + qoff[None, :]).to(gl.pointer_type(gl.int64)))
-        gs4 = k0 // 16 + p
-        b4 = gs4 // 16
-        sc = gl.load(base4 + K // 4 + 16 * b4[None, :] + (gs4 % 16)[None, :])
-        dm = (base4 + K // 4 + 16 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
-        raw = (q, gl.load(dm), gl.load(dm + 1), sc, zero, zero)
-    else:  # Q4_K: 32-value sub-blocks, nibbles of 32-byte runs, 6-bit scales and mins
-        gj = k0 // 32 + o // 4
-        b, j = gj // 8, gj % 8
-        qoff = 128 * b + 32 * (j // 2) + 8 * (o % 4)
-        q = gl.load((base + qoff[None, :]).to(gl.pointer_type(gl.int64)))
-        gj4 = k0 // 32 + p // 2
-        b4, j4 = gj4 // 8, gj4 % 8
-        scb = base4 + K // 2 + 12 * b4[None, :] + (j4 % 4)[None, :]
-        dm = (base4 + K // 2 + 12 * (K // 256) + 4 * b4[None, :]).to(gl.pointer_type(gl.float16))
-        # bytes j, j + 4, j + 8 hold the 6-bit scale and min of sub-block j (see _a_tile);
-        # kept as loaded: arithmetic on them here would wait for the load a step early
-        raw = (q, gl.load(dm), gl.load(dm + 1), gl.load(scb), gl.load(scb + 4), gl.load(scb + 8))
+def _load4(p, A16: gl.constexpr):
+    """The four words at byte addresses p (8-byte aligned): one 16-byte load if A16."""
+    if A16:
+        v = gl.inline_asm_elementwise(
+            "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p],
+            dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        v = gl.inline_asm_elementwise(
+            "ld.global.v2.u32 {$0, $1}, [$4];\n\tld.global.v2.u32 {$2, $3}, [$4+8];",
+            "=r,=r,=r,=r,l", [p], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return v
+
+
+@gluon.jit
+def _a_raw(w, row_off, K, b, FMT: gl.constexpr, quad_l: gl.constexpr, A16: gl.constexpr):
+    """The bytes behind the A operands of the four MMA steps of 256-column block b (rows at
+    byte offsets row_off [BN]), as loaded: each lane's 16 (Q4_K: 32) quant bytes of a row in
+    one load (the old per-step 8-byte loads of 8 rows a warp kept the L1 data pipe 70-84 %
+    busy), then the block's scales. Loaded a block or more ahead of `_a_tile`."""
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
+    base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+    if FMT == 16:  # IQ2_XXS: words A (grid indices), B (signs, scale) of groups 2t, 2t + 1
+        q = _load4(base + 64 * b + 16 * t, A16)
+        d = gl.load((base + K // 4 + 2 * b).to(gl.pointer_type(gl.float16)))
+        raw = (q, d, d)
+    elif FMT == 10:  # Q2_K: 2-bit planes; scale bytes 8h .. 8h + 7 (h = t // 2); d, dmin
+        q = _load4(base + 64 * b + 16 * t, A16)
+        sc = gl.load((base + K // 4 + 16 * b + 8 * (t // 2)).to(gl.pointer_type(gl.int64)))
+        dm = gl.load((base + K // 4 + 16 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
+        raw = (q, sc, dm)
+    else:  # Q4_K: nibbles; the 12 bytes of 6-bit scales and mins; d, dmin
+        q0 = _load4(base + 128 * b + 32 * t, A16)
+        q1 = _load4(base + 128 * b + 32 * t + 16, A16)
+        sc = (base + K // 2 + 12 * b).to(gl.pointer_type(gl.int32))
+        dm = gl.load((base + K // 2 + 12 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
+        q = (q0[0], q0[1], q0[2], q0[3], q1[0], q1[1], q1[2], q1[3])
+        raw = (q, (gl.load(sc), gl.load(sc + 1), gl.load(sc + 2)), dm)
     return raw
 
 
 @gluon.jit
-def _a_tile(raw, tab, tabs, k0, FMT: gl.constexpr, SMEM_TAB: gl.constexpr, a_l: gl.constexpr,
-            pair_l: gl.constexpr, BN: gl.constexpr):  # fmt: skip
-    """The float16 A operand [BN, 64] (kappa column order) from `_a_raw`'s bytes: four bytes
-    (bias + value) per word for the 8 values of each octet, then `_to_a` with the f16x2 scale
-    and offset. IQ2_XXS selector words come from the shared copy at `tab` ([BN, 8],
-    `_table_base`) if SMEM_TAB, else from `tabs` in global memory."""
-    q, d, dmin, c0, c1, c2 = raw
-    o = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, pair_l)))
+def _f16_lo(v):
+    return (v & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+
+
+@gluon.jit
+def _a_tile(raw, tab, mag, tabs, s: gl.constexpr, FMT: gl.constexpr, SMEM_TAB: gl.constexpr,
+            a_l: gl.constexpr, pair_l: gl.constexpr, quad_l: gl.constexpr,
+            BN: gl.constexpr):  # fmt: skip
+    """The float16 A operand [BN, 64] (kappa column order) of MMA step s of `_a_raw`'s block:
+    four bytes (bias + value) per word for the 8 values of each octet, then `_to_a` with the
+    f16x2 scale and offset. IQ2_XXS selector words come from the shared copy at `tab`
+    ([BN, 8], `_table_base`) if SMEM_TAB, else from `tabs` in global memory."""
+    q, sc, dm = raw
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
     if FMT == 16:
-        q = _octets(q, pair_l)
-        bu4 = (raw[0] >> 32).to(gl.uint32)
-        a2 = _octets(_f16x2(d.to(gl.float32) * ((bu4 >> 27) | 1).to(gl.float32) * 0.125), pair_l)
-        sub = o % 4
-        a = (q & 0xFFFFFFFF).to(gl.int32)
-        bu = (q >> 32).to(gl.uint32)
-        gi = (a >> (8 * sub)[None, :]) & 255
-        si = ((bu >> (7 * sub)[None, :].to(gl.uint32)) & 127).to(gl.int32)
+        a = _pair(q[0], q[2], pair_l)
+        bu = _pair(q[1], q[3], pair_l)
+        d = sc.to(gl.float32) * 0.125
+        a2 = _pair(_f16x2(d * ((q[1] >> 27) & 31 | 1).to(gl.float32)),
+                   _f16x2(d * ((q[3] >> 27) & 31 | 1).to(gl.float32)), pair_l)  # fmt: skip
+        if s == 0:  # byte s of A, 7 bits s of B, as word offsets (x 4)
+            gi, si = (a << 2) & 0x3FC, (bu << 2) & 0x1FC
+        else:
+            gi, si = (a >> (8 * s - 2)) & 0x3FC, (bu >> (7 * s - 2)) & 0x1FC
         if SMEM_TAB:
-            sel = _lds(tab + 4 * gi) | _lds(tab + 1024 + 4 * si)
+            sel = _lds(tab + gi) | _lds(tab + 1024 + si)
         else:
             tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
-            sel = gl.load(tab32 + gi) | gl.load(tab32 + 256 + si)
+            sel = gl.load(tab32 + gi // 4) | gl.load(tab32 + 256 + si // 4)
         # bytes 128 + v for v in (8, 25, 43 | -8, -25, -43), picked by code | sign << 2
-        lo = _permute_bytes(0x00AB9988, 0x00556778, sel)
-        hi = _permute_bytes(0x00AB9988, 0x00556778, sel >> 16)
+        lo = _permute_bytes(mag, 0x00556778, sel)
+        hi = _permute_bytes(mag, 0x00556778, sel >> 16)
         b2 = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
     elif FMT == 10:
-        s = (k0 // 16 + o // 2) % 16
-        sc = c0.to(gl.int32)
-        a2 = _octets(_f16x2(d.to(gl.float32) * (sc & 15).to(gl.float32)), pair_l)
-        b2 = _octets(_f16x2(-dmin.to(gl.float32) * (sc >> 4).to(gl.float32)), pair_l)
-        shift = (2 * ((s % 8) // 2))[None, :]
-        lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x03030303
-        hi = ((q >> 32).to(gl.int32) >> shift) & 0x03030303
+        lo = (_pair(q[0], q[2], pair_l) >> (2 * s)) & 0x03030303
+        hi = (_pair(q[1], q[3], pair_l) >> (2 * s)) & 0x03030303
+        # sub-block 8h + 2s + t % 2: byte t % 2 + 2s of the lane's eight scale bytes
+        word = (sc >> (32 * (s // 2))).to(gl.int32)
+        c = (word >> (8 * (t % 2) + 16 * (s % 2))) & 255
+        a2 = _octets(_f16x2(_f16_lo(dm) * (c & 15).to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-_f16_lo(dm >> 16) * (c >> 4).to(gl.float32)), pair_l)
     else:
-        j = (k0 // 32 + o // 4) % 8
-        # 6-bit scale and min of sub-block j: low bits in bytes j, j + 4 (j < 4), else in the
-        # nibbles of byte j + 8 with the top bits from bytes j - 4, j
-        lo6, mid, hi4 = c0.to(gl.int32), c1.to(gl.int32), c2.to(gl.int32)
-        low = (gl.arange(0, 4, layout=gl.SliceLayout(0, lo6.type.layout)) // 2 + k0 // 32) % 8 < 4
-        sc = gl.where(low[None, :], lo6 & 63, (hi4 & 15) | ((lo6 >> 6) << 4))
-        mn = gl.where(low[None, :], mid & 63, (hi4 >> 4) | ((mid >> 6) << 4))
-        a2 = _octets(_f16x2(d.to(gl.float32) * sc.to(gl.float32)), pair_l)
-        b2 = _octets(_f16x2(-dmin.to(gl.float32) * mn.to(gl.float32)), pair_l)
-        shift = (4 * (j % 2))[None, :]
-        lo = ((q & 0xFFFFFFFF).to(gl.int32) >> shift) & 0x0F0F0F0F
-        hi = ((q >> 32).to(gl.int32) >> shift) & 0x0F0F0F0F
+        h: gl.constexpr = 4 * (s % 2)
+        lo = (_pair(q[h], q[h + 2], pair_l) >> (4 * (s // 2))) & 0x0F0F0F0F
+        hi = (_pair(q[h + 1], q[h + 3], pair_l) >> (4 * (s // 2))) & 0x0F0F0F0F
+        # 6-bit scale and min of sub-block j = 2t + s // 2: low bits in bytes j, j + 4 (j < 4),
+        # else in the nibbles of byte j + 4 with the top bits from bytes j - 4, j
+        sh = 8 * (2 * (t % 2) + s // 2)
+        x0, x1, x2 = (sc[0] >> sh) & 255, (sc[1] >> sh) & 255, (sc[2] >> sh) & 255
+        low = t < 2
+        c = gl.where(low, x0 & 63, (x2 & 15) | ((x0 >> 6) << 4))
+        m = gl.where(low, x1 & 63, (x2 >> 4) | ((x1 >> 6) << 4))
+        a2 = _octets(_f16x2(_f16_lo(dm) * c.to(gl.float32)), pair_l)
+        b2 = _octets(_f16x2(-_f16_lo(dm >> 16) * m.to(gl.float32)), pair_l)
     bias: gl.constexpr = 0x64806480 if FMT == 16 else 0x64006400
     return _to_a(lo, hi, bias, a2, b2, a_l, pair_l, BN)
 
@@ -323,12 +370,12 @@ def _x_ready():
 
 @gluon.jit
 def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: gl.constexpr,
-                 BM: gl.constexpr, NW: gl.constexpr):  # fmt: skip
+                 BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr):  # fmt: skip
     """Two weight blocks (rows at byte offsets off0 / off1 of w0 / w1) times the same
-    activation tiles: each block's MMA runs while the other block's next tile is decoded;
-    weight bytes are loaded a step (block 1) or 1.5 steps (block 0) before their decode.
-    The activation tile of step i + 3 is requested at the end of step i, into the buffer step
-    i read: the compiler then places two CTA barriers per step (before the copy, after the
+    activation tiles: each block's MMA runs while the other block's next tile is decoded.
+    A 256-column block's weight bytes are loaded during its predecessor's last steps. The
+    activation tile of step i + 3 is requested at the end of step i, into the buffer step i
+    read: the compiler then places two CTA barriers per step (before the copy, after the
     wait); with the request mid-step and a barrier of our own it placed five."""
     BN: gl.constexpr = 16 * NW
     mma: gl.constexpr = _mma_layout(NW, BM)
@@ -340,34 +387,42 @@ def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: g
     acc0 = gl.zeros([BN, BM], gl.float32, layout=mma)
     acc1 = gl.zeros([BN, BM], gl.float32, layout=mma)
     n_steps: gl.constexpr = K // 64
-    last: gl.constexpr = K - 64
+    last: gl.constexpr = K // 256 - 1
     tab = gl.zeros([BN, 8], gl.int32, layout=gl.SliceLayout(2, pair_l))
+    mag = gl.full([BN, 8], 0x00AB9988, gl.int32, layout=gl.SliceLayout(2, pair_l))
     SMEM_TAB: gl.constexpr = FMT == 16 and BM == 64
     if SMEM_TAB:
         _smem_tables(tabs, NW)
         tab = _table_base(tab)
-    r1 = _a_raw(w1, off1, K, 0, FMT, pair_l, quad_l, BN)
-    r0 = _a_raw(w0, off0, K, 0, FMT, pair_l, quad_l, BN)
+        mag = _magnitudes(tab, pair_l)
+    r0 = _a_raw(w0, off0, K, 0, FMT, quad_l, A16)
+    r1 = _a_raw(w1, off1, K, 0, FMT, quad_l, A16)
     _x_prefetch(x_smem, xrow, xvalid, 0, n_steps)
     _x_prefetch(x_smem, xrow, xvalid, 1, n_steps)
     _x_prefetch(x_smem, xrow, xvalid, 2, n_steps)
-    a0 = _a_tile(r0, tab, tabs, 0, FMT, SMEM_TAB, a_l, pair_l, BN)
-    r0 = _a_raw(w0, off0, K, 64, FMT, pair_l, quad_l, BN)
+    a0 = _a_tile(r0, tab, mag, tabs, 0, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
     _x_ready()
-    for i in range(n_steps):
-        k0 = i * 64
-        k1 = gl.minimum(k0 + 64, last)  # past the end: a decode that no MMA reads
-        xb = x_smem.index(i % 3).permute((1, 0))
-        acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
-        a1 = _a_tile(r1, tab, tabs, k0, FMT, SMEM_TAB, a_l, pair_l, BN)
-        r1 = _a_raw(w1, off1, K, k1, FMT, pair_l, quad_l, BN)
-        acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])  # A registers live until read
-        acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
-        a0 = _a_tile(r0, tab, tabs, k1, FMT, SMEM_TAB, a_l, pair_l, BN)
-        r0 = _a_raw(w0, off0, K, gl.minimum(k0 + 128, last), FMT, pair_l, quad_l, BN)
-        acc1, a1 = warpgroup_mma_wait(0, deps=[acc1, a1])
-        _x_prefetch(x_smem, xrow, xvalid, i + 3, n_steps)  # into the buffer step i read
-        _x_ready()
+    for b in range(K // 256):
+        for s in gl.static_range(4):
+            xb = x_smem.index((4 * b + s) % 3).permute((1, 0))
+            acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
+            a1 = _a_tile(r1, tab, mag, tabs, s, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
+            # the next block's bytes (past the end: the last again, decoded, never read), one
+            # and two steps before their first decode: three blocks' bytes live at most
+            if s == 2:
+                n0 = _a_raw(w0, off0, K, gl.minimum(b + 1, last), FMT, quad_l, A16)
+            if s == 3:
+                n1 = _a_raw(w1, off1, K, gl.minimum(b + 1, last), FMT, quad_l, A16)
+            acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])  # A registers live until read
+            acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
+            if s < 3:
+                a0 = _a_tile(r0, tab, mag, tabs, s + 1, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
+            else:
+                a0 = _a_tile(n0, tab, mag, tabs, 0, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
+            acc1, a1 = warpgroup_mma_wait(0, deps=[acc1, a1])
+            _x_prefetch(x_smem, xrow, xvalid, 4 * b + s + 3, n_steps)  # into the buffer just read
+            _x_ready()
+        r0, r1 = n0, n1
     return acc0, acc1
 
 
@@ -385,7 +440,7 @@ def _tile_info(tiles):
 def _gate_up_kernel(
     xp, order, wts, tiles, gate, up, tabs, h, RB, clamp,
     F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, FMT: gl.constexpr,
-    BM: gl.constexpr, NW: gl.constexpr,
+    DFMT: gl.constexpr, BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 16 * NW
     mma: gl.constexpr = _mma_layout(NW, BM)
@@ -406,14 +461,16 @@ def _gate_up_kernel(
         + (slot // KTOP).to(gl.int64)[:, None] * D
         + gl.arange(0, 64, layout=gl.SliceLayout(0, x_l))[None, :]
     )
-    acc_g, acc_u = _two_streams(gate, row_off, up, row_off, tabs, xrow, xvalid, D, FMT, BM, NW)
+    acc_g, acc_u = _two_streams(gate, row_off, up, row_off, tabs, xrow, xvalid, D, FMT, BM, NW,
+                                A16)  # fmt: skip
     g = gl.minimum(acc_g, clamp)
     u = gl.minimum(gl.maximum(acc_u, -clamp), clamp)
     cols = start + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     cvalid = cols < end
     w = gl.load(wts + gl.load(order + cols, mask=cvalid, other=0), mask=cvalid, other=0.0)
     hv = g / (1.0 + gl.exp(-g)) * u * w[None, :]
-    hc = _kappa(gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma)))
+    # h in the down kernel's kappa order
+    hc = _kappa(gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), DFMT)
     gl.store(
         h + cols.to(gl.int64)[None, :] * F + hc[:, None], hv.to(gl.float16), mask=cvalid[None, :]
     )
@@ -423,6 +480,7 @@ def _gate_up_kernel(
 def _down_kernel(
     hp, order, tiles, down, tabs, y, RB,
     F: gl.constexpr, D: gl.constexpr, FMT: gl.constexpr, BM: gl.constexpr, NW: gl.constexpr,
+    A16: gl.constexpr,
 ):  # fmt: skip
     # two row blocks per program, pipelined like gate/up: each MMA overlaps the next decode
     BN: gl.constexpr = 16 * NW
@@ -441,7 +499,7 @@ def _down_kernel(
     xrow = (
         hp + xr.to(gl.int64)[:, None] * F + gl.arange(0, 64, layout=gl.SliceLayout(0, x_l))[None, :]
     )
-    acc0, acc1 = _two_streams(down, off0, down, off1, tabs, xrow, xvalid, F, FMT, BM, NW)
+    acc0, acc1 = _two_streams(down, off0, down, off1, tabs, xrow, xvalid, F, FMT, BM, NW, A16)
     cols = start + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     slot = gl.load(order + cols, mask=cols < end, other=0)  # straight to (token, slot) rows
     rr = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
@@ -457,18 +515,20 @@ def grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles = order.numel(), tiles.shape[0]
     bm, nw = cfg["BM"], 4  # one warpgroup per program (8 warps measured slower)
-    xp = x_kappa(x)
+    xp = x_kappa(x, gate.qtype)
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=x.device)
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
-    # IQ2_XXS gate/up at BM 64 fits 128 registers without spilling: four programs per SM
-    # instead of three (H200: 2.59 -> 2.49 ms at 2048 routed tokens); the others spill there
-    regs = {"maxnreg": 128} if gate.qtype == GQ.IQ2_XXS and bm == 64 else {}
+    # 168 registers: three programs per SM; the 2-bit kernels at BM 64 fit them without
+    # spilling (H200, 2048 routed tokens: 2.31 -> 2.17 ms with both capped)
+    cap = {GQ.IQ2_XXS: {"maxnreg": 168}, GQ.Q2_K: {"maxnreg": 168}} if bm == 64 else {}
     _gate_up_kernel[(n_ff // (16 * nw), n_tiles)](
         xp, order, wts, tiles, gate.data, up.data, tabs, h, gate.data.shape[-1], float(clamp),
-        F=n_ff, D=dim, KTOP=k, FMT=int(gate.qtype), BM=bm, NW=nw, num_warps=nw, **regs,
+        F=n_ff, D=dim, KTOP=k, FMT=int(gate.qtype), DFMT=int(down.qtype), BM=bm, NW=nw,
+        A16=gate.data.shape[-1] % 16 == 0, num_warps=nw, **cap.get(gate.qtype, {}),
     )  # fmt: skip
     _down_kernel[(dim // (32 * nw), n_tiles)](
         h, order, tiles, down.data, tabs, y, down.data.shape[-1], F=n_ff, D=dim,
-        FMT=int(down.qtype), BM=bm, NW=nw, num_warps=nw,
+        FMT=int(down.qtype), BM=bm, NW=nw, A16=down.data.shape[-1] % 16 == 0, num_warps=nw,
+        **cap.get(down.qtype, {}),
     )  # fmt: skip
     return y

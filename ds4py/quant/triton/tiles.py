@@ -27,11 +27,13 @@ def interpreting() -> bool:
 
 
 def tables(device: torch.device | str) -> torch.Tensor:
-    """int16 [1024]: IQ2_XXS tables. [0, 256): the grid as 2-bit codes (0, 1, 2 for magnitudes
+    """int16 [1028]: IQ2_XXS tables. [0, 256): the grid as 2-bit codes (0, 1, 2 for magnitudes
     8, 25, 43; code k at bits 2k..2k+1), 512 bytes, so a warp's random lookups touch at most 4
     cache lines. Then, as int32 words (`tab32`): [0, 256) the grid as 4-bit codes (code k at
     bits 4k..4k+1, a `prmt` selector), [256, 384) per 7 sign bits the 8 signs (the eighth makes
-    the count even) at bits 4k+2 of the selector."""
+    the count even) at bits 4k+2 of the selector, [384] the bytes 128 + (8, 25, 43) that the
+    prefill selectors pick (a kernel reads it from memory so that ptxas keeps it in a register
+    instead of rebuilding the constant before every permute)."""
     codes, nib = [], []
     for entry in IQ2XXS_GRID:
         c = [{8: 0, 25: 1, 43: 2}[(entry >> (8 * k)) & 0xFF] for k in range(8)]
@@ -41,7 +43,7 @@ def tables(device: torch.device | str) -> torch.Tensor:
     for f in range(128):
         s8 = f | ((bin(f).count("1") & 1) << 7)
         signs.append(sum(((s8 >> k) & 1) << (4 * k + 2) for k in range(8)))
-    words = torch.tensor(nib + signs, dtype=torch.int64).to(torch.int32)
+    words = torch.tensor(nib + signs + [0x00AB9988], dtype=torch.int64).to(torch.int32)
     head = torch.tensor(codes, dtype=torch.int32).to(torch.int16)
     return torch.cat([head, words.view(torch.int16)]).to(device)
 
