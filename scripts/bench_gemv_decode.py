@@ -7,8 +7,11 @@ launch, a plain streaming read of the same bytes (the floor), optionally a sweep
 warps, prefetch); µs and % of the copy bandwidth measured in the same run, and the relative
 error against the kernel's torch reference and against float32 activations. Weights are
 rotated past L2 inside one CUDA graph (bench_kernels.py's timing).
+With --pairs: the launches that join two formats of one input (`gemv_pair`: Q8_0 projections
+with the F16 compressors, the F16 router with the Q8_0 shared expert) against the same
+matrices as two back-to-back GEMVs.
 Usage: python scripts/bench_gemv_decode.py [--out DIR] [--sweep [--budget SECONDS]]
-                                             [--only NAME ...]
+                                             [--only NAME ...] [--pairs]
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
 from ds4py.quant.triton.act import round16
-from ds4py.quant.triton.gemv import decode_config, gemv, gemv_config
+from ds4py.quant.triton.gemv import (
+    decode_config,
+    gemv,
+    gemv_config,
+    gemv_pair,
+    gemv_pair_ref,
+    pair_config,
+)
 from ds4py.quant.triton.tiles import tables
 
 # the engine's Q8_0 / F16 decode GEMVs and the head (the 24-row mHC projection runs inside
@@ -189,12 +199,60 @@ def sweep(sh: Shape, row: dict, deadline: float) -> None:
           f"{sh.pct(results[-1][0]):.0f}%", flush=True)  # fmt: skip
 
 
+PAIRS = [  # name, (type, rows) A, (type, rows) B, K: the engine's two-format launches
+    ("attn input, ratio 4", (GQ.Q8_0, 1536), (GQ.F16, 2624), 4096),
+    ("attn input, ratio 128", (GQ.Q8_0, 1536), (GQ.F16, 1024), 4096),
+    ("ffn input", (GQ.F16, 256), (GQ.Q8_0, 4096), 4096),
+    ("q_b + indexer q_b", (GQ.Q8_0, 32768), (GQ.F16, 8192), 1024),
+]
+
+
+def bench_pairs(copy_bw: float, grid) -> list[dict]:
+    """Per PAIRS entry: the two default GEMVs back to back, then gemv_pair with its default
+    tiling and a few others; µs, % of copy for both matrices' bytes, error vs gemv_pair_ref."""
+    rows = []
+    for name, (qa, na), (qb, nb), k in PAIRS:
+        wa, wb = weight(qa, (na, k), seed=na + 1), weight(qb, (nb, k), seed=nb + 2)
+        was, wbs = copies(wa), copies(wb)
+        n = min(len(was), len(wbs))
+        x = activations(1, 1, k, outliers=False)
+        nbytes = wa.nbytes + wb.nbytes
+
+        def pct(us, nbytes=nbytes):
+            return 100 * nbytes / (us * 1e-6) / copy_bw
+
+        ca = decode_config(qa, na, k, na, 1, pdl=True)
+        cb = decode_config(qb, nb, k, nb, 1, pdl=True)
+        two = time_graph([lambda a=a, b=b, x=x, ca=ca, cb=cb: (gemv(x, a, grid, ca),
+                                                           gemv(x, b, grid, cb))
+                          for a, b in zip(was[:n], wbs[:n], strict=True)]) * 1e6  # fmt: skip
+        row = dict(name=name, mb=nbytes / 1e6, two_us=two, two_pct=pct(two), pair=[])
+        print(f"{name:24s} {nbytes / 1e6:5.1f} MB | two GEMVs {two:5.1f} us {pct(two):5.1f}%",
+              flush=True)  # fmt: skip
+        base = pair_config(qa, na, qb, nb, k, pdl=True)
+        variants = [base, dict(base, PDL=0)] + [
+            dict(base, num_warps=w, BK_A=min(k, base["BK_A"] * w), BK_B=min(k, base["BK_B"] * w))
+            for w in (2, 4)
+        ] + [dict(base, R_A=2 * base["R_A"], R_B=2 * base["R_B"])]  # fmt: skip
+        want = gemv_pair_ref(x, wa, wb, grid)
+        for cfg in variants:
+            got = gemv_pair(x, wa, wb, grid, cfg)
+            err = max(rel_err(g, w) for g, w in zip(got, want, strict=True))
+            us = time_graph([lambda a=a, b=b, c=cfg, x=x: gemv_pair(x, a, b, grid, c)
+                             for a, b in zip(was[:n], wbs[:n], strict=True)]) * 1e6  # fmt: skip
+            row["pair"].append(dict(cfg=cfg, us=us, pct=pct(us), err=err))
+            print(f"  pair {us:5.1f} us {pct(us):5.1f}%  err {err:.1e}  {cfg}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="folder for gemv_decode.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds before sweeps stop")
     ap.add_argument("--sweep", action="store_true", help="also time every candidate tiling")
     ap.add_argument("--only", nargs="*", help="just these GEMVs (names as printed)")
+    ap.add_argument("--pairs", action="store_true", help="only the two-format launches")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv_decode.py needs a CUDA device")
@@ -205,6 +263,14 @@ def main() -> None:
     empty = empty_us()
     print(f"{props.name}: copy {copy_bw / 1e9:.0f} GB/s (read+write), empty kernel {empty:.2f} us",
           flush=True)  # fmt: skip
+    if args.pairs:
+        pairs = bench_pairs(copy_bw, grid)
+        bad = [r["name"] for r in pairs if not all(p["err"] < 1e-4 for p in r["pair"])]
+        print(f"pair kernel vs its reference: {len(pairs) - len(bad)}/{len(pairs)} within 1e-4")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gemv_pairs.json").write_text(json.dumps(pairs, indent=1, default=str))
+        sys.exit(1 if bad else 0)
     shapes = [Shape(spec, 1, copy_bw, grid) for spec in SHAPES
               if not args.only or spec[0] in args.only]  # fmt: skip
     rows = [defaults(sh) for sh in shapes]

@@ -23,7 +23,13 @@ from ds4py.quant.formats import QTensor, random_qtensor  # noqa: E402
 from ds4py.quant.triton import gemv as gemv_mod  # noqa: E402
 from ds4py.quant.triton import tiles  # noqa: E402
 from ds4py.quant.triton.act import quantize16, quantize16_ref, round16  # noqa: E402
-from ds4py.quant.triton.gemv import decode_config, gemv, gemv_ref  # noqa: E402
+from ds4py.quant.triton.gemv import (  # noqa: E402
+    decode_config,
+    gemv,
+    gemv_pair,
+    gemv_pair_ref,
+    gemv_ref,
+)
 
 DEV = "cuda" if CUDA else "cpu"
 GRID = tiles.tables(DEV)
@@ -128,6 +134,42 @@ def test_launcher_rejects_bad_tiles():
     q2 = _weight(GQ.Q2_K, 32, 512, seed=1)
     with pytest.raises(ValueError, match="does not fit"):
         gemv(x, q2, GRID, dict(R=4, BK=512, num_warps=1))
+
+
+# (A type, A rows, B type, B rows, tokens, tiling): defaults, a K loop on both sides
+PAIRS = [
+    (GQ.Q8_0, 48, GQ.F16, 16, 1, None),
+    (GQ.F16, 16, GQ.Q8_0, 32, 2, dict(R_A=4, BK_A=256, R_B=2, BK_B=256, num_warps=1)),
+    (GQ.BF16, 8, GQ.F16, 24, 1, dict(R_A=1, BK_A=512, R_B=8, BK_B=256, num_warps=2)),
+]
+
+
+@pytest.mark.parametrize("qa,na,qb,nb,n_tok,cfg", PAIRS)
+def test_pair_matches_the_two_gemvs(qa, na, qb, nb, n_tok, cfg):
+    # one launch, each side as its own one-token GEMV computes it (Q8_0: rounded x)
+    k = 512
+    wa, wb = _weight(qa, na, k, seed=na), _weight(qb, nb, k, seed=nb + 1)
+    x = _x(n_tok, 1, k, seed=5)
+    ya, yb = gemv_pair(x, wa, wb, GRID, cfg)
+    ra, rb = gemv_pair_ref(x, wa, wb, GRID, cfg)
+    assert ya.shape == (n_tok, na) and yb.shape == (n_tok, nb)
+    assert _rel(ya, ra) < 1e-5 and _rel(yb, rb) < 1e-5
+    for got, w in ((ya, wa), (yb, wb)):
+        xin = round16(x) if w.qtype == GQ.Q8_0 else x
+        assert _rel(got, ref.linear(xin, w)) < 1e-5
+
+
+def test_pair_rejects_bad_input():
+    q8, f16 = _weight(GQ.Q8_0, 32, 512, seed=1), _weight(GQ.F16, 16, 512, seed=2)
+    x = _x(1, 1, 512, seed=1)
+    with pytest.raises(ValueError, match="same formats"):
+        gemv_pair(x, q8, q8, GRID)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv_pair(x, q8, f16, GRID, dict(R_A=3, BK_A=512, R_B=1, BK_B=512, num_warps=1))
+    with pytest.raises(ValueError, match="gemv_pair"):
+        gemv_pair(x, _weight(GQ.Q2_K, 32, 512, seed=3), f16, GRID)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv_pair(_x(1, 1, 256, seed=1), q8, f16, GRID)
 
 
 ENGINE = [  # rows, K, groups: the decode GEMVs of DeepSeek V4 Flash (joined) and the head

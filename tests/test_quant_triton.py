@@ -220,9 +220,40 @@ def test_merge_joins_weights_and_linears_matches_separate_products():
     assert views[1].data.data_ptr() == views[0].data.data_ptr() + views[0].data.numel()
     got = fast.linears(_randn(2, 256, seed=4), tuple(views))
     assert all(_rel(g, w) < 1e-6 for g, w in zip(got, want, strict=True))
-    # mixed formats are left alone
-    mixed = [ws[0], fast.prepare(_weight(GQ.F16, (32, 256), 9))]
+    # a kernel-less format among them: left alone
+    mixed = [ws[0], fast.prepare(_weight(GQ.Q2_K, (32, 256), 9))]
     assert fast.merge(mixed) == mixed
+
+
+def test_merge_pairs_two_formats_and_linears_matches_separate_products():
+    # Q8_0 projections and F16 compressors of one input: one matrix per format, one launch
+    # for one token (gemv_pair), two products for more; results in the callers' order
+    fast = TritonOps(DEV)
+    ws = [fast.prepare(_weight(q, (n, 256), 30 + n)) for q, n in
+          ((GQ.Q8_0, 32), (GQ.F16, 16), (GQ.Q8_0, 64), (GQ.F16, 48), (GQ.F16, 8))]  # fmt: skip
+    views = fast.merge(ws)
+    assert all(torch.equal(v.data, w.data) for v, w in zip(views, ws, strict=True))
+    assert views[2].data.data_ptr() == views[0].data.data_ptr() + views[0].data.numel()
+    assert views[3].data.data_ptr() == views[1].data.data_ptr() + views[1].data.numel()
+    for n_tok in (1, 3):
+        x = _randn(n_tok, 256, seed=6)
+        got = fast.linears(x, tuple(views))
+        want = [fast.linear(x, w) for w in ws]
+        assert [g.shape for g in got] == [w.shape for w in want]
+        assert all(_rel(g, w) < 1e-6 for g, w in zip(got, want, strict=True))
+    # rows too short for the one-launch kernel: still one matrix per format, two products
+    short = [fast.prepare(_weight(q, (n, 64), 40 + n)) for q, n in
+             ((GQ.Q8_0, 32), (GQ.F16, 16), (GQ.Q8_0, 64))]  # fmt: skip
+    sv = fast.merge(short)
+    assert sv[2].data.data_ptr() == sv[0].data.data_ptr() + sv[0].data.numel()
+    x = _randn(1, 64, seed=8)
+    got = fast.linears(x, tuple(sv))
+    assert all(_rel(g, fast.linear(x, w)) < 1e-6 for g, w in zip(got, short, strict=True))
+    # each format's members alone (the prefill call sites) still run as one joined product
+    x = _randn(2, 256, seed=7)
+    got = fast.linears(x, (views[1], views[3], views[4]))
+    want = [fast.linear(x, w) for w in (ws[1], ws[3], ws[4])]
+    assert all(_rel(g, w) < 1e-6 for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.gpu

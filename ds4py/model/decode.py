@@ -52,19 +52,23 @@ def hc_post_step(X: Tensor, y: Tensor, post: Tensor, comb: Tensor) -> Tensor:
 def attention_step(blk: Block, x: Tensor, p: Tensor, st: LayerState, kernels, ropes) -> Tensor:
     s, ops = blk.shape, blk.ops
     cs = ropes[0]
-    qa, kv = ops.linears(x, (blk.attn_q_a, blk.attn_kv))
+    # the compressors read the same input: one launch for all (two formats: Ops.merge)
+    qa, kv, *proj = ops.linears(
+        x, (blk.attn_q_a, blk.attn_kv) + (blk.compressor_weights() if blk.ratio else ())
+    )
     qr = rms_norm(qa, blk.attn_q_a_norm, s.norm_eps)
-    q = ops.linear(qr, blk.attn_q_b).view(1, s.n_head, s.head_dim)
+    # the indexer's query reads qr too (ratio-4 layers): one launch for both
+    q, *qi = ops.linears(qr, (blk.attn_q_b,) + ((blk.indexer_attn_q_b,) if blk.ratio == 4 else ()))
+    q = q.view(1, s.n_head, s.head_dim)
     q = blk.rotate(rms_norm(q, None, s.norm_eps), *cs)
     kv = blk.cache_row(blk.rotate(rms_norm(kv, blk.attn_kv_a_norm, s.norm_eps), *cs))
     st.raw[p % s.window] = kv
     rows = idx = None
     if blk.ratio:
-        proj = ops.linears(x, blk.compressor_weights())
         compress_step(blk, proj, p, st, kernels, ropes[1])
         rows = st.comp
         if blk.ratio == 4:
-            idx = indexer_step(blk, proj[4], qr, cs, p, st, kernels)
+            idx = indexer_step(blk, proj[4], qi[0], cs, p, st, kernels)
     o = kernels["attend"](q[0], st.raw, p, rows, idx, blk.ratio, blk.attn_sinks)
     o = blk.rotate(o[None], *cs, inverse=True).view(1, s.o_groups, -1)
     low = ops.linear(o, blk.attn_output_a)
@@ -137,10 +141,11 @@ def pool_step(a: Tensor, b: Tensor, ape: Tensor, p: Tensor, fr: CompressorState)
     return (e * cand_a).sum(0, keepdim=True) / e.sum(0, keepdim=True)
 
 
-def indexer_step(blk: Block, wp, qr, cs, p: Tensor, st: LayerState, kernels: dict) -> Tensor:
-    """Rows [k] the token attends on a ratio-4 layer (wp: its indexer_proj product)."""
+def indexer_step(blk: Block, wp, qi, cs, p: Tensor, st: LayerState, kernels: dict) -> Tensor:
+    """Rows [k] the token attends on a ratio-4 layer (wp, qi: its indexer_proj and
+    indexer_attn_q_b products)."""
     s = blk.shape
-    qi = blk.ops.linear(qr, blk.indexer_attn_q_b).view(s.n_indexer_head, s.indexer_head_dim)
+    qi = qi.view(s.n_indexer_head, s.indexer_head_dim)
     qi = blk.rotate(qi[None], *cs)[0]
     if blk.quant_sim:
         qi = blk.fp4(qi)

@@ -161,10 +161,10 @@ class Block:
     # Weights multiplied by the same input (`Ops.linears`); a backend may store each group as
     # one matrix at load (`Ops.merge`) and run it as one product.
     SHARED_INPUT = (
-        ("attn_q_a", "attn_kv"),
-        ("attn_compressor_kv", "attn_compressor_gate")
+        ("attn_q_a", "attn_kv", "attn_compressor_kv", "attn_compressor_gate")
         + ("indexer_compressor_kv", "indexer_compressor_gate", "indexer_proj"),
-        ("ffn_gate_shexp", "ffn_up_shexp"),
+        ("attn_q_b", "indexer_attn_q_b"),
+        ("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp"),
     )
 
     # Weight attributes (bound by load.py, named after the GGUF tensors; absent ones stay None).
@@ -381,7 +381,8 @@ class Block:
     # ---- MoE (MODEL.md §2.9) ----
     def moe(self, x: Tensor, tokens: Tensor) -> Tensor:
         s = self.shape
-        logits = self.ops.linear(x, self.ffn_gate_inp)  # [T, E]
+        logits, g, v = self.ops.linears(x, (self.ffn_gate_inp, self.ffn_gate_shexp,
+                                            self.ffn_up_shexp))  # fmt: skip
         if self.hash_routed:  # the experts come from the token id; the weights as learned ones
             ids = self.ffn_gate_tid2eid[tokens].long()
             w = torch.sqrt(F.softplus(logits)).gather(1, ids)
@@ -393,11 +394,11 @@ class Block:
         routed = self.ops.moe(
             x, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps, s.swiglu_clamp
         )
-        return routed + self.shared_expert(x)
+        return routed + self.shared_expert(g, v)
 
-    def shared_expert(self, x: Tensor) -> Tensor:
+    def shared_expert(self, g: Tensor, v: Tensor) -> Tensor:
+        """The shared expert from its gate and up products (computed with the router's)."""
         c = self.shape.swiglu_clamp
-        g, v = self.ops.linears(x, (self.ffn_gate_shexp, self.ffn_up_shexp))
         g, v = g.clamp(max=c), v.clamp(-c, c)
         return self.ops.linear(F.silu(g) * v, self.ffn_down_shexp)
 

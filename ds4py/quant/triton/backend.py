@@ -14,7 +14,7 @@ from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.ops import Ops
 from ds4py.quant.triton.gemm import gemm
-from ds4py.quant.triton.gemv import MAX_TOKENS, gemv
+from ds4py.quant.triton.gemv import MAX_TOKENS, WIDE, gemv, gemv_pair
 from ds4py.quant.triton.hc import MAX_TOKENS as HC_MAX_TOKENS
 from ds4py.quant.triton.hc import hc_pre, hc_pre_fused
 from ds4py.quant.triton.moe import moe_decode
@@ -32,6 +32,8 @@ class TritonOps(Ops):
         self.tabs = tables(self.device)
         self._fused: dict = {}
         self._joined: dict[tuple[int, ...], QTensor] = {}  # views' data pointers -> joined matrix
+        # groups of several formats: views' pointers -> (per-format matrices, members, one launch)
+        self._groups: dict[tuple[int, ...], tuple] = {}
         self._dense_cache: dict[tuple, torch.Tensor] = {}
 
     def prepare(self, w: QTensor) -> QTensor:
@@ -65,7 +67,31 @@ class TritonOps(Ops):
 
     def merge(self, ws: list[QTensor]) -> list[QTensor]:
         # one matrix of all rows: decode runs one GEMV instead of 2-5 small ones (each small
-        # GEMV pays ~3 us of ramp-up and tail for 1-9 MB of weights)
+        # GEMV pays ~3 us of ramp-up and tail for 1-9 MB of weights); several formats (Q8_0
+        # projections with F16 compressors / router): one matrix per format, and for two
+        # formats the one-token kernel takes both in one launch
+        kinds = list(dict.fromkeys(w.qtype for w in ws))
+        if len(kinds) == 1:
+            return self._join(ws)
+        if any(len(w.shape) != 2 or w.shape[1] != ws[0].shape[1] for w in ws):
+            return ws
+        parts = [[i for i, w in enumerate(ws) if w.qtype == q] for q in kinds]
+        out: list = [None] * len(ws)
+        for idx in parts:
+            for i, v in zip(idx, self._join([ws[i] for i in idx]), strict=True):
+                out[i] = v
+        wholes = [self._joined.get(tuple(out[i].data.data_ptr() for i in idx), out[idx[0]])
+                  for idx in parts]  # fmt: skip
+        paired = (
+            len(kinds) == 2
+            and all(q in WIDE for q in kinds)
+            and ws[0].shape[1] % 256 == 0  # gemv_pair's rows kernel reads 256-value steps
+            and all(kernel_ok(w) for w in ws)
+        )
+        self._groups[tuple(v.data.data_ptr() for v in out)] = (wholes, parts, paired)
+        return out
+
+    def _join(self, ws: list[QTensor]) -> list[QTensor]:
         first = ws[0] if ws else None
         if len(ws) < 2 or any(
             w.qtype != first.qtype
@@ -87,7 +113,22 @@ class TritonOps(Ops):
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def linears(self, x: torch.Tensor, ws: tuple[QTensor, ...]) -> tuple[torch.Tensor, ...]:
-        whole = self._joined.get(tuple(w.data.data_ptr() for w in ws))
+        key = tuple(w.data.data_ptr() for w in ws)
+        group = self._groups.get(key)
+        if group is not None:
+            wholes, parts, paired = group
+            x = x.contiguous()
+            if paired and x.dim() == 2 and x.shape[0] == 1:  # decode: one launch
+                ys = gemv_pair(x, *wholes, self.tabs)
+            else:
+                ys = [self.linear(x, w) for w in wholes]
+            out: list = [None] * len(ws)
+            for y, idx in zip(ys, parts, strict=True):
+                sizes = [ws[i].shape[0] for i in idx]
+                for i, yi in zip(idx, y.split(sizes, dim=-1), strict=True):
+                    out[i] = yi
+            return tuple(out)
+        whole = self._joined.get(key)
         if whole is None:
             return tuple(self.linear(x, w) for w in ws)
         return self.linear(x, whole).split([w.shape[0] for w in ws], dim=-1)

@@ -4,8 +4,9 @@ Owns: the memory-bound small-batch matmul on split-layout weights (rowdot.py doe
 step per format): two kernels, their tiling heuristics, the launcher and a torch reference of
 the same signature. Grouped input (x [T, G, K]) feeds row block g of W with x[:, g] (§2.8).
 One token of Q8_0/F16/BF16 (decode) runs `_rows_kernel` (R whole rows per program, 16-byte
-weight loads issued before anything waits, programmatic dependent launch on Hopper); 2-8
-tokens and F32/Q2_K/Q4_K/IQ2_XXS the tiled `_gemv_kernel`.
+weight loads issued before anything waits, programmatic dependent launch on Hopper), or for two
+matrices of different formats that read one input `_rows_pair_kernel` (`gemv_pair`: one
+launch); 2-8 tokens and F32/Q2_K/Q4_K/IQ2_XXS the tiled `_gemv_kernel`.
 Numerics: F16/BF16/F32 in float32 FMA; one-token Q8_0 rounds x to int8 per 16 values first
 (act.py `quantize16`, reference `round16`) and sums in dp4a, 2-8 tokens in float32; Q2_K/Q4_K/
 IQ2_XXS use int8 activations per 32 (act.py). Does not own: prefill (gemm.py) or backend choice
@@ -145,18 +146,10 @@ def _half_block(xt, w, row_off, K, DT: tl.constexpr, R: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _rows_kernel(
-    x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T,
-    FMT: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, PIPE: tl.constexpr,
-    PDL: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    # R whole rows per program, 16-byte weight loads (one run of 16 quants / 8 halves per lane
-    # and row per step), issued before anything waits on them. PDL (programmatic dependent
-    # launch): the next kernel may start once every program has begun, and this one fetches
-    # its (constant) weights before waiting for the kernel that wrote x.
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
+def _rows(pid, x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT: tl.constexpr, R: tl.constexpr,
+          BK: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
+          EMULATE: tl.constexpr):  # fmt: skip
+    """Row block `pid` of `_rows_kernel`."""
     rows = pid * R + tl.arange(0, R)
     row_off = rows.to(tl.int64) * RB
     grp = (pid * R) // RPG  # input group of this row block
@@ -171,6 +164,42 @@ def _rows_kernel(
             dot = _half_block(x + t * XR + grp * K, w, row_off, K, tl.bfloat16, R, BK, PIPE,
                               PDL)  # fmt: skip
         tl.store(out + t * N + rows, dot)
+
+
+@triton.jit
+def _rows_kernel(
+    x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T,
+    FMT: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, PIPE: tl.constexpr,
+    PDL: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    # R whole rows per program, 16-byte weight loads (one run of 16 quants / 8 halves per lane
+    # and row per step), issued before anything waits on them. PDL (programmatic dependent
+    # launch): the next kernel may start once every program has begun, and this one fetches
+    # its (constant) weights before waiting for the kernel that wrote x.
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    _rows(tl.program_id(0), x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT, R, BK, PIPE, PDL,
+          EMULATE)  # fmt: skip
+
+
+@triton.jit
+def _rows_pair_kernel(
+    x, xq, xb, xd, wa, outa, NA, RBA, wb, outb, NB, RBB, K, T, PA,
+    FMT_A: tl.constexpr, R_A: tl.constexpr, BK_A: tl.constexpr, PIPE_A: tl.constexpr,
+    FMT_B: tl.constexpr, R_B: tl.constexpr, BK_B: tl.constexpr, PIPE_B: tl.constexpr,
+    PDL: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """`_rows_kernel` over two matrices of different formats and one input: programs below PA
+    take A's row blocks, the rest B's (one launch instead of two small ones)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    if pid < PA:
+        _rows(pid, x, xq, xb, xd, wa, outa, NA, K, RBA, NA, K, T, FMT_A, R_A, BK_A, PIPE_A, PDL,
+              EMULATE)  # fmt: skip
+    else:
+        _rows(pid - PA, x, xq, xb, xd, wb, outb, NB, K, RBB, NB, K, T, FMT_B, R_B, BK_B, PIPE_B,
+              PDL, EMULATE)  # fmt: skip
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -321,6 +350,62 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
         T=n_tok, FMT=int(w.qtype), AG=acc_groups(w.qtype, bk), EMULATE=interpreting(), **cfg,
     )  # fmt: skip
     return out
+
+
+def pair_config(qa: GQ, na: int, qb: GQ, nb: int, k: int, pdl: bool = False) -> dict:
+    """`gemv_pair`'s tiling: one-warp programs, each side's rows per program as
+    `_rows_config` picks them (several for short rows), K steps of 1024 Q8_0 / 256 F16-BF16
+    values (H200, scripts/bench_gemv_decode.py --pairs: 2-4 warps within 0.2 us)."""
+    if interpreting():
+        return dict(R_A=1, BK_A=_pow2_divisor(k, 4096), R_B=1, BK_B=_pow2_divisor(k, 4096),
+                    num_warps=1, PDL=0)  # fmt: skip
+    step = {GQ.Q8_0: 1024, GQ.F16: 256, GQ.BF16: 256}
+    ra, rb = (_rows_config(q, n, k, n, False)["R"] for q, n in ((qa, na), (qb, nb)))
+    return dict(R_A=ra, BK_A=_pow2_divisor(k, step[qa]), R_B=rb, BK_B=_pow2_divisor(k, step[qb]),
+                num_warps=1, PDL=int(pdl))  # fmt: skip
+
+
+def gemv_pair(x: torch.Tensor, wa: QTensor, wb: QTensor, tabs: torch.Tensor | None = None,
+              cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x @ wa.T, x @ wb.T) in one launch for x [T, K] float32 (T <= 8) and two matrices of
+    different `_rows_kernel` formats (Q8_0 / F16 / BF16; a Q8_0 one rounds x to int8 per 16
+    values first). `cfg` (R_A, BK_A, R_B, BK_B, num_warps, PDL) overrides pair_config."""
+    for w in (wa, wb):
+        _check(x, w)
+        if w.qtype not in WIDE or x.ndim != 2:
+            raise ValueError(f"gemv_pair: {w.qtype.name} {w.shape} with x {tuple(x.shape)}")
+    if wa.qtype == wb.qtype:
+        raise ValueError("gemv_pair: same formats: join the matrices instead")
+    n_tok, k = x.shape
+    if not 1 <= n_tok <= MAX_TOKENS:
+        raise ValueError(f"gemv_pair: 1..{MAX_TOKENS} tokens, got {n_tok}")
+    wa, wb = prepared(wa), prepared(wb)
+    (na, _), (nb, _) = wa.shape, wb.shape
+    cfg = cfg or pair_config(wa.qtype, na, wb.qtype, nb, k, pdl_ok(x.device))
+    if any(n % cfg[r] or k % cfg[b] or cfg[b] % 256
+           for n, r, b in ((na, "R_A", "BK_A"), (nb, "R_B", "BK_B"))):  # fmt: skip
+        raise ValueError(f"gemv_pair: tiles {cfg} do not fit {wa.shape}, {wb.shape}")
+    pdl = bool(cfg.get("PDL"))
+    xq = xb = xd = x
+    if GQ.Q8_0 in (wa.qtype, wb.qtype):
+        xq, xb, xd = quantize16(x, pdl=pdl)
+    ya = torch.empty(n_tok, na, dtype=torch.float32, device=x.device)
+    yb = torch.empty(n_tok, nb, dtype=torch.float32, device=x.device)
+    pa = na // cfg["R_A"]
+    _rows_pair_kernel[(pa + nb // cfg["R_B"],)](
+        x, xq, xb, xd, wa.data, ya, na, wa.data.shape[-1], wb.data, yb, nb, wb.data.shape[-1],
+        k, n_tok, pa, FMT_A=int(wa.qtype), R_A=cfg["R_A"], BK_A=cfg["BK_A"],
+        PIPE_A=int(cfg["BK_A"] < k), FMT_B=int(wb.qtype), R_B=cfg["R_B"], BK_B=cfg["BK_B"],
+        PIPE_B=int(cfg["BK_B"] < k), PDL=int(pdl), EMULATE=interpreting(),
+        num_warps=cfg["num_warps"], launch_pdl=pdl,
+    )  # fmt: skip
+    return ya, yb
+
+
+def gemv_pair_ref(x: torch.Tensor, wa: QTensor, wb: QTensor, tabs: torch.Tensor | None = None,
+                  cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Torch reference with gemv_pair's signature (x rounded per 16 values for Q8_0)."""
+    return tuple(ref.linear(round16(x) if w.qtype == GQ.Q8_0 else x, w) for w in (wa, wb))
 
 
 def gemv_ref(
