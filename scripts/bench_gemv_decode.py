@@ -234,14 +234,18 @@ def bench_pairs(copy_bw: float, grid) -> list[dict]:
             dict(base, num_warps=w, BK_A=min(k, base["BK_A"] * w), BK_B=min(k, base["BK_B"] * w))
             for w in (2, 4)
         ] + [dict(base, R_A=2 * base["R_A"], R_B=2 * base["R_B"])]  # fmt: skip
+        swapped = dict(base, R_A=base["R_B"], BK_A=base["BK_B"], R_B=base["R_A"], BK_B=base["BK_A"])
+        variants = [(cfg, False) for cfg in variants] + [(swapped, True)]
         want = gemv_pair_ref(x, wa, wb, grid)
-        for cfg in variants:
-            got = gemv_pair(x, wa, wb, grid, cfg)
+        for cfg, swap in variants:  # swap: B's row blocks first
+            got = gemv_pair(x, wb, wa, grid, cfg)[::-1] if swap else gemv_pair(x, wa, wb, grid, cfg)
             err = max(rel_err(g, w) for g, w in zip(got, want, strict=True))
+            pairs = [(b, a) if swap else (a, b) for a, b in zip(was[:n], wbs[:n], strict=True)]
             us = time_graph([lambda a=a, b=b, c=cfg, x=x: gemv_pair(x, a, b, grid, c)
-                             for a, b in zip(was[:n], wbs[:n], strict=True)]) * 1e6  # fmt: skip
-            row["pair"].append(dict(cfg=cfg, us=us, pct=pct(us), err=err))
-            print(f"  pair {us:5.1f} us {pct(us):5.1f}%  err {err:.1e}  {cfg}", flush=True)
+                             for a, b in pairs]) * 1e6  # fmt: skip
+            row["pair"].append(dict(cfg=cfg, swapped=swap, us=us, pct=pct(us), err=err))
+            print(f"  pair {us:5.1f} us {pct(us):5.1f}%  err {err:.1e}  {cfg}"
+                  f"{' B first' if swap else ''}", flush=True)  # fmt: skip
         rows.append(row)
     return rows
 

@@ -76,6 +76,9 @@ class TritonOps(Ops):
         if any(len(w.shape) != 2 or w.shape[1] != ws[0].shape[1] for w in ws):
             return ws
         parts = [[i for i, w in enumerate(ws) if w.qtype == q] for q in kinds]
+        # longer rows (F16 before Q8_0) first: their programs take longest (H200: 0.2-0.6 us
+        # faster in three of the engine's four groups)
+        parts.sort(key=lambda idx: -ws[idx[0]].data.shape[-1])
         out: list = [None] * len(ws)
         for idx in parts:
             for i, v in zip(idx, self._join([ws[i] for i in idx]), strict=True):
