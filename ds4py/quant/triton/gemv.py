@@ -355,7 +355,7 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
 def pair_config(qa: GQ, na: int, qb: GQ, nb: int, k: int, pdl: bool = False) -> dict:
     """`gemv_pair`'s tiling: one-warp programs, each side's rows per program as
     `_rows_config` picks them (several for short rows), K steps of 1024 Q8_0 / 256 F16-BF16
-    values (H200, scripts/bench_gemv_decode.py --pairs: 2-4 warps within 0.2 us)."""
+    values (H200, scripts/bench_gemv_decode.py --pairs: 2-4 warps within 0.1-0.4 us)."""
     if interpreting():
         return dict(R_A=1, BK_A=_pow2_divisor(k, 4096), R_B=1, BK_B=_pow2_divisor(k, 4096),
                     num_warps=1, PDL=0)  # fmt: skip
