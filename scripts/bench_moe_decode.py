@@ -5,7 +5,9 @@ Owns: the batch-1 numbers of moe_decode's launches at the q2 shapes (gate/up IQ2
 [256, 2048, 4096] x 2, down Q2_K [256, 4096, 2048]) and the q4 shapes (Q4_K for all three),
 6 of 256 experts: each launch alone per variant and the whole moe_decode call, in µs, GB/s and
 % of the device-to-device copy bandwidth measured in the same run, each checked against a torch
-reference fed the same int8-rounded activations (and the whole call against plain f32).
+reference fed the same int8-rounded activations (and the whole call against plain f32); the
+default launches also with their weights in L2 (the same experts every call): the floor their
+instructions set, whatever the memory.
 Method as bench_kernels.py: a CUDA graph of calls rotating over disjoint expert sets (> 1 GB,
 so no call finds its weights in L2). Does not own the kernels (ds4py/quant/triton/moe.py).
 Usage: python scripts/bench_moe_decode.py [--quick] [--no-q4]
@@ -123,6 +125,16 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
         gu_times[str(gu)] = _timed(str(gu), run, lambda h: rel_err(h, h_ref), calls, gu_mb,
                                    copy_bw), gu  # fmt: skip
 
+    # the same launch with its weights in L2 (every call reads the same experts): how far the
+    # kernel is from its own instruction-bound floor, not from the memory system's
+    gu = new["gate_up"]
+    xo = operands(x, gate_t, gu)
+    one = ids[:, :1].repeat(1, K)  # one expert in all six slots: 1/6 of the bytes
+    for name, hot in (("same 6 experts every call", ids), ("one expert in all 6 slots", one)):
+        t = time_graph([lambda h=hot: gate_up_launch(x, xo, h, wts, gate, up, tabs, h_buf, CLAMP,
+                                                     gu)] * len(sets))  # fmt: skip
+        print(f"  {name:44s} {t * 1e6:8.2f} us  (weights in L2; default tiling)", flush=True)
+
     print(f"down launch ({dn_mb / 1e6:.1f} MB; err vs reference, tolerance 1e-5)", flush=True)
     o_buf = torch.empty(1, DIM, device=DEV)
     dn_times = {}
@@ -138,6 +150,13 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
                  for s in sets]  # fmt: skip
         dn_times[str(dn)] = _timed(str(dn), run, lambda o: rel_err(o, out_ref), calls, dn_mb,
                                    copy_bw), dn  # fmt: skip
+
+    dn = new["down"]
+    ho = operands(h_ref, down_t, dn, False)
+    for name, hot in (("same 6 experts every call", ids), ("one expert in all 6 slots", one)):
+        t = time_graph([lambda h=hot: down_launch(h_ref, ho, h, down, tabs, o_buf, dn)]
+                       * len(sets))  # fmt: skip
+        print(f"  {name:44s} {t * 1e6:8.2f} us  (weights in L2; default tiling)", flush=True)
 
     print("activation rounding launch (act.py; moe_decode runs it for x and for h)", flush=True)
     t_act = time_graph([lambda: operands(x, gate_t, new["gate_up"]) for _ in sets])
