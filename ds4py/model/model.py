@@ -240,7 +240,10 @@ class Block:
     def attention(self, x: Tensor, pos: Tensor, st: LayerState) -> Tensor:
         s, T = self.shape, x.shape[0]
         cs = rope_table(pos, self.freqs)
-        qa, kv = self.ops.linears(x, (self.attn_q_a, self.attn_kv))
+        # the compressors read the same input (`SHARED_INPUT`)
+        qa, kv, *proj = self.ops.linears(
+            x, (self.attn_q_a, self.attn_kv) + (self.compressor_weights() if self.ratio else ())
+        )
         qr = rms_norm(qa, self.attn_q_a_norm, s.norm_eps)
         q = self.ops.linear(qr, self.attn_q_b).view(T, s.n_head, s.head_dim)
         q = self.rotate(rms_norm(q, None, s.norm_eps), *cs)
@@ -250,7 +253,6 @@ class Block:
         dt = self.ops.attn_dtype  # rows are exact in float16 (FP8 / F16 parts)
         win_rows, win_mask = self.window_part(kv.to(dt), pos, st)
         if self.ratio:
-            proj = self.ops.linears(x, self.compressor_weights())
             self.compress(proj, int(pos[0]), st)
             comp = st.comp_rows().to(dt)
             if self.ratio == 4:  # indexer rows, once for all query blocks; FP4: exact in float16

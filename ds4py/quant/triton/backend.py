@@ -31,8 +31,8 @@ class TritonOps(Ops):
         super().__init__(device)
         self.tabs = tables(self.device)
         self._fused: dict = {}
-        self._joined: dict[tuple[int, ...], QTensor] = {}  # views' data pointers -> joined matrix
-        # groups of several formats: views' pointers -> (per-format matrices, members, one launch)
+        # merged groups: views' data pointers -> (one matrix per format, the members of each,
+        # whether one launch takes both formats)
         self._groups: dict[tuple[int, ...], tuple] = {}
         self._dense_cache: dict[tuple, torch.Tensor] = {}
 
@@ -66,75 +66,53 @@ class TritonOps(Ops):
         return self._dense_cache[key]
 
     def merge(self, ws: list[QTensor]) -> list[QTensor]:
-        # one matrix of all rows: decode runs one GEMV instead of 2-5 small ones (each small
-        # GEMV pays ~3 us of ramp-up and tail for 1-9 MB of weights); several formats (Q8_0
-        # projections with F16 compressors / router): one matrix per format, and for two
-        # formats the one-token kernel takes both in one launch
+        # one matrix per format of all its rows: decode runs one GEMV instead of 2-5 small
+        # ones (each small GEMV pays ~3 us of ramp-up and tail for 1-9 MB of weights), and
+        # one launch for two formats (Q8_0 projections with F16 compressors / router)
         kinds = list(dict.fromkeys(w.qtype for w in ws))
-        if len(kinds) == 1:
-            return self._join(ws)
-        if any(len(w.shape) != 2 or w.shape[1] != ws[0].shape[1] for w in ws):
+        if (
+            len(ws) < 2
+            or len({(w.qtype, w.layout) for w in ws}) != len(kinds)  # one layout per format
+            or any(
+                len(w.shape) != 2 or w.shape[1] != ws[0].shape[1] or not kernel_ok(w) for w in ws
+            )
+        ):
             return ws
         parts = [[i for i, w in enumerate(ws) if w.qtype == q] for q in kinds]
         # longer rows (F16 before Q8_0) first: their programs take longest (H200: 0.2-0.6 us
-        # faster in three of the engine's four groups)
+        # faster in three of the engine's four two-format groups)
         parts.sort(key=lambda idx: -ws[idx[0]].data.shape[-1])
         out: list = [None] * len(ws)
+        wholes = []
         for idx in parts:
-            for i, v in zip(idx, self._join([ws[i] for i in idx]), strict=True):
+            whole, views = _joined([ws[i] for i in idx])
+            wholes.append(whole)
+            for i, v in zip(idx, views, strict=True):
                 out[i] = v
-        wholes = [self._joined.get(tuple(out[i].data.data_ptr() for i in idx), out[idx[0]])
-                  for idx in parts]  # fmt: skip
         paired = (
             len(kinds) == 2
             and all(q in WIDE for q in kinds)
             and ws[0].shape[1] % 256 == 0  # gemv_pair's rows kernel reads 256-value steps
-            and all(kernel_ok(w) for w in ws)
         )
         self._groups[tuple(v.data.data_ptr() for v in out)] = (wholes, parts, paired)
         return out
 
-    def _join(self, ws: list[QTensor]) -> list[QTensor]:
-        first = ws[0] if ws else None
-        if len(ws) < 2 or any(
-            w.qtype != first.qtype
-            or w.layout != first.layout
-            or len(w.shape) != 2
-            or w.shape[1] != first.shape[1]
-            or not kernel_ok(w)
-            for w in ws
-        ):
-            return ws
-        joined = torch.cat([w.data for w in ws])
-        whole = QTensor(joined, first.qtype, (joined.shape[0], first.shape[1]), first.layout)
-        views, r0 = [], 0
-        for w in ws:
-            views.append(QTensor(joined[r0 : r0 + w.shape[0]], w.qtype, w.shape, w.layout))
-            r0 += w.shape[0]
-        self._joined[tuple(v.data.data_ptr() for v in views)] = whole
-        return views
-
     @torch.compiler.disable  # launched as written, also inside fused regions
     def linears(self, x: torch.Tensor, ws: tuple[QTensor, ...]) -> tuple[torch.Tensor, ...]:
-        key = tuple(w.data.data_ptr() for w in ws)
-        group = self._groups.get(key)
-        if group is not None:
-            wholes, parts, paired = group
-            x = x.contiguous()
-            if paired and x.dim() == 2 and x.shape[0] == 1:  # decode: one launch
-                ys = gemv_pair(x, *wholes, self.tabs)
-            else:
-                ys = [self.linear(x, w) for w in wholes]
-            out: list = [None] * len(ws)
-            for y, idx in zip(ys, parts, strict=True):
-                sizes = [ws[i].shape[0] for i in idx]
-                for i, yi in zip(idx, y.split(sizes, dim=-1), strict=True):
-                    out[i] = yi
-            return tuple(out)
-        whole = self._joined.get(key)
-        if whole is None:
+        group = self._groups.get(tuple(w.data.data_ptr() for w in ws))
+        if group is None:
             return tuple(self.linear(x, w) for w in ws)
-        return self.linear(x, whole).split([w.shape[0] for w in ws], dim=-1)
+        wholes, parts, paired = group
+        x = x.contiguous()
+        if paired and x.dim() == 2 and x.shape[0] == 1:  # decode: both formats, one launch
+            ys = gemv_pair(x, *wholes, self.tabs)
+        else:
+            ys = [self.linear(x, w) for w in wholes]
+        out: list = [None] * len(ws)
+        for y, idx in zip(ys, parts, strict=True):
+            for i, yi in zip(idx, y.split([ws[i].shape[0] for i in idx], dim=-1), strict=True):
+                out[i] = yi
+        return tuple(out)
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def moe(
@@ -217,6 +195,19 @@ class TritonOps(Ops):
         if X.shape[1] != 4:
             return ref.hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
         return hc_pre(X, v, scale, base, norm_eps, hc_eps, iters)
+
+
+def _joined(ws: list[QTensor]) -> tuple[QTensor, list[QTensor]]:
+    """(one matrix of all rows, each weight as a view of it) for weights of one format."""
+    if len(ws) == 1:
+        return ws[0], ws
+    data = torch.cat([w.data for w in ws])
+    whole = QTensor(data, ws[0].qtype, (data.shape[0], ws[0].shape[1]), ws[0].layout)
+    views, r0 = [], 0
+    for w in ws:
+        views.append(QTensor(data[r0 : r0 + w.shape[0]], w.qtype, w.shape, w.layout))
+        r0 += w.shape[0]
+    return whole, views
 
 
 def _moe_all_experts(x, ids, weights, g, u, d, clamp) -> torch.Tensor:
