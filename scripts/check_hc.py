@@ -55,7 +55,7 @@ SWEEP = [
     {"BK": bk, "BD": bd, "warps1": w1, "warps2": w2}
     for bk in (64, 128, 256)
     for bd in (128, 256, 512)
-    for w1, w2 in ((2, 2), (4, 4))
+    for w1, w2 in ((2, 2), (4, 4), (2, 1), (4, 1))
 ]
 
 
