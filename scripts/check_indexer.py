@@ -190,6 +190,9 @@ VARIANTS = {
     "one_program_per_sm": dict(score_programs=-1),
     "chunk4096": dict(chunk=4096),
     "small_cap16384": dict(small_cap=16384),
+    "select_bits1": dict(select_bits=1),
+    "select_bits3": dict(select_bits=3),
+    "select_bits4": dict(select_bits=4),
 }
 
 

@@ -32,6 +32,7 @@ from ds4py.quant.triton.indexer import (  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
 SMALL = TopkConfig()  # caps here are below small_cap: one-program selection
 PASSES = TopkConfig(block=32, chunk=64, small_cap=0)  # histogram passes over several programs
+BITS3 = TopkConfig(select_bits=3)  # one-program selection deciding 3 key bits a step
 
 
 def _inputs(store, cap, di=64, hi=16, seed=0, fp4_q=True, data=None):
@@ -77,7 +78,7 @@ CASES = [(300, 250, 40), (300, 300, 40), (300, 41, 40), (300, 40, 40), (300, 7, 
          (300, 0, 40), (37, 37, 37), (37, 36, 1)]  # fmt: skip
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+@pytest.mark.parametrize("cfg", [SMALL, PASSES, BITS3], ids=["one-program", "passes", "3-bit"])
 @pytest.mark.parametrize("store,fp4_q", [(FP4Rows, True), (FP4Rows, False), (FloatRows, False)])
 @pytest.mark.parametrize("cap,n,k", CASES)
 def test_matches_reference(cap, n, k, store, fp4_q, cfg):
@@ -94,7 +95,7 @@ def test_matches_reference(cap, n, k, store, fp4_q, cfg):
     assert torch.equal(got, indexer_topk_ref(qi, w, rows, pos, 4, k))
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+@pytest.mark.parametrize("cfg", [SMALL, PASSES, BITS3], ids=["one-program", "passes", "3-bit"])
 @pytest.mark.parametrize("store", [FP4Rows, FloatRows])
 @pytest.mark.parametrize("groups", [1, 5])
 def test_exact_ties_pick_lower_ids(groups, store, cfg):
@@ -113,7 +114,7 @@ def test_exact_ties_pick_lower_ids(groups, store, cfg):
     assert torch.equal(got, torch.tensor(sorted(want)))
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+@pytest.mark.parametrize("cfg", [SMALL, PASSES, BITS3], ids=["one-program", "passes", "3-bit"])
 def test_crowded_near_equal_scores(cfg):
     """Rows (1 + m 2**-10) v, m = id % 7: scores a hair apart, each value on ~27 rows, so the
     digit histograms see crowded neighbouring bins; the top groups by m, lowest ids last."""
@@ -132,7 +133,7 @@ def test_crowded_near_equal_scores(cfg):
     assert torch.equal(got, torch.tensor(sorted(want)))
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+@pytest.mark.parametrize("cfg", [SMALL, PASSES, BITS3], ids=["one-program", "passes", "3-bit"])
 def test_zero_scores_tie_whatever_their_sign(cfg):
     """Zero rows score 0 (summed as +0 or -0); they outrank negative scores and tie among
     themselves, so the lowest zero ids fill the top-k after the positive rows."""
@@ -172,7 +173,7 @@ def test_scores_are_float32_accurate(store, fp4_q):
     assert _score_error(qi, w, rows, cap, scratch) < 3e-7
 
 
-@pytest.mark.parametrize("cfg", [SMALL, PASSES], ids=["one-program", "passes"])
+@pytest.mark.parametrize("cfg", [SMALL, PASSES, BITS3], ids=["one-program", "passes", "3-bit"])
 def test_scratch_is_reusable(cfg):
     cap = 300
     qi, w, rows = _inputs(FP4Rows, cap, seed=7)

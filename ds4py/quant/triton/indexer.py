@@ -39,6 +39,8 @@ class TopkConfig:
     pass_warps: int = 4
     small_cap: int = 4096  # up to this capacity one program selects, keys in registers
     select_warps: int = 8  # at least; more for capacities over 4096
+    select_bits: int = 2  # key bits per counting step of the one-program selection (H200:
+    # 2 bits 10.4 us at 1K keys, 1 bit 12.9, 3 bits 11.1, 4 bits 13.8; scripts/check_indexer.py)
 
 
 DEFAULT = TopkConfig()
@@ -269,17 +271,21 @@ def _emit(OUT, s, idx, live, T, need, gt_before, eq_before, K):
 
 
 @triton.jit
-def _kth_largest(s, live, K):
-    """Largest t with at least K live keys >= t, i.e. the K-th largest key, bit by bit."""
+def _kth_largest(s, live, K, BITS: tl.constexpr):
+    """Largest t with at least K live keys >= t, i.e. the K-th largest key: the sign, then
+    BITS bits a step (the 2**BITS - 1 candidate extensions of t counted in one reduction)."""
     t = tl.where(_count(live & (s >= 0)) >= K, 0, -2147483648)
-    for i in range(31):
-        c = t | (1 << (30 - i))
-        t = tl.where(_count(live & (s >= c)) >= K, c, t)
+    j = tl.arange(0, 1 << BITS)
+    for i in tl.static_range(0, 31, BITS):
+        b = min(BITS, 31 - i)  # the last step may decide fewer bits
+        c = t | ((j % (1 << b)) << (31 - i - b))  # candidates >= t, increasing in j (< 2**b)
+        n = tl.sum((live[:, None] & (s[:, None] >= c[None, :])).to(tl.int32), 0)
+        t = tl.max(tl.where(n >= K, c, t), 0)
     return t
 
 
 @triton.jit
-def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr):
+def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr, BITS: tl.constexpr):
     n = _visible(POS, ratio, cap)
     if n <= K:
         _write_first(OUT, K, CP)
@@ -287,7 +293,7 @@ def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr):
         idx = tl.arange(0, CP)
         live = idx < n
         s = tl.load(KEYS + idx, mask=live, other=0)
-        T = _kth_largest(s, live, K)
+        T = _kth_largest(s, live, K, BITS)
         _emit(OUT, s, idx, live, T, K - _count(live & (s > T)), 0, 0, K)
 
 
@@ -447,7 +453,9 @@ def _launch_select(cap, pos, ratio, k, scratch: IndexerScratch, out, cfg: TopkCo
     if cap <= cfg.small_cap:
         cp = triton.next_power_of_2(cap)
         nw = max(cfg.select_warps, min(32, cp // 512))  # <= 16 keys a thread
-        _select_small_kernel[(1,)](keys, pos, out, cap, ratio, k, CP=cp, num_warps=nw)
+        _select_small_kernel[(1,)](
+            keys, pos, out, cap, ratio, k, CP=cp, BITS=cfg.select_bits, num_warps=nw
+        )
         return
     nprog = triton.cdiv(cap, cfg.chunk)
     grid, ch, nw = (nprog,), cfg.chunk, cfg.pass_warps
