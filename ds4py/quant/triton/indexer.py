@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ds4py.kv.state import FloatRows, FP4Rows
 from ds4py.model import decode
+from ds4py.quant.triton.gemv import pdl_ok
 from ds4py.quant.triton.tiles import interpreting
 
 Tensor = torch.Tensor
@@ -185,9 +186,11 @@ def _float_block(R0, KEYS, HIST, rows, n, w, qh, qm, ql, HI: tl.constexpr, DI: t
 @triton.jit
 def _score_kernel(Q, W, R0, R1, POS, KEYS, HIST, cap, ratio, K, HI: tl.constexpr,
                   DI: tl.constexpr, BN: tl.constexpr, FP4: tl.constexpr, HIST1: tl.constexpr,
-                  INTERP: tl.constexpr):  # fmt: skip
+                  INTERP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Program p scores the visible row blocks p, p + programs, ...; the queries are split
-    once per program."""
+    once per program. PDL: the one-program selection may start (and wait) meanwhile."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     n = _visible(POS, ratio, cap)
     if n > K:  # with n <= K the answer is ids 0..K-1: nothing to score
         h = tl.arange(0, HI)
@@ -285,7 +288,10 @@ def _kth_largest(s, live, K, BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr, BITS: tl.constexpr):
+def _select_small_kernel(KEYS, POS, OUT, cap, ratio, K, CP: tl.constexpr, BITS: tl.constexpr,
+                         PDL: tl.constexpr):  # fmt: skip
+    if PDL:  # launched early by the scoring kernel: wait for its keys
+        tl.extra.cuda.gdc_wait()
     n = _visible(POS, ratio, cap)
     if n <= K:
         _write_first(OUT, K, CP)
@@ -441,6 +447,7 @@ def _launch_score(qi, w, rows, pos, ratio, k, scratch: IndexerScratch, cfg: Topk
     _score_kernel[(programs,)](
         qi, w, r0, r1, pos, scratch.keys, scratch.hist, cap, ratio, k,
         HI=hi, DI=di, BN=cfg.block, FP4=fp4, HIST1=cap > cfg.small_cap, INTERP=interpreting(),
+        PDL=pdl_ok(qi.device),
         # float rows: no software pipelining (its buffers would overflow shared memory)
         num_warps=cfg.score_warps, maxnreg=cfg.score_maxnreg if fp4 else None,
         num_stages=3 if fp4 else 1,
@@ -448,14 +455,18 @@ def _launch_score(qi, w, rows, pos, ratio, k, scratch: IndexerScratch, cfg: Topk
 
 
 def _launch_select(cap, pos, ratio, k, scratch: IndexerScratch, out, cfg: TopkConfig) -> None:
-    """out [k] from the keys: one program for small capacities, else the histogram passes."""
+    """out [k] from the keys: one program for small capacities, else the histogram passes.
+    On Hopper the one program starts while the scoring finishes (programmatic dependent
+    launch; H200 at 4K: 9.8 us against 10.4; the passes measured slower chained)."""
     keys, hist, work = scratch.keys, scratch.hist, scratch.work
     if cap <= cfg.small_cap:
+        pdl = pdl_ok(out.device)
         cp = triton.next_power_of_2(cap)
         nw = max(cfg.select_warps, min(32, cp // 512))  # <= 16 keys a thread
         _select_small_kernel[(1,)](
-            keys, pos, out, cap, ratio, k, CP=cp, BITS=cfg.select_bits, num_warps=nw
-        )
+            keys, pos, out, cap, ratio, k, CP=cp, BITS=cfg.select_bits, PDL=pdl, num_warps=nw,
+            launch_pdl=pdl,
+        )  # fmt: skip
         return
     nprog = triton.cdiv(cap, cfg.chunk)
     grid, ch, nw = (nprog,), cfg.chunk, cfg.pass_warps
