@@ -197,9 +197,9 @@ def _hc_ticket_kernel(
 
 
 def hc_fused_config(D: int) -> dict:
-    """Tiling: ~64 split-K slices of X_flat, u chunks of 256 (many programs for one token);
-    one-warp finishing programs: their 4x4 Sinkhorn reduces within a warp (H200 sweep,
-    scripts/check_hc.py: 6.8 us a call against 8.2 with four warps and 128 slices)."""
+    """Tiling: ~64 split-K slices of X_flat, u chunks of 256 (many programs for one token),
+    one-warp finishing programs (H200 sweep, scripts/check_hc.py: 6.8 us a call against 8.2
+    with 128 slices and four-warp finishing programs)."""
     bk = max(32, min(256, triton.next_power_of_2(triton.cdiv(4 * D, 64))))
     return {"BK": bk, "BD": 256, "warps1": 4, "warps2": 1}
 
