@@ -447,7 +447,7 @@ def _launch_score(qi, w, rows, pos, ratio, k, scratch: IndexerScratch, cfg: Topk
     _score_kernel[(programs,)](
         qi, w, r0, r1, pos, scratch.keys, scratch.hist, cap, ratio, k,
         HI=hi, DI=di, BN=cfg.block, FP4=fp4, HIST1=cap > cfg.small_cap, INTERP=interpreting(),
-        PDL=pdl_ok(qi.device),
+        PDL=pdl_ok(qi.device) and cap <= cfg.small_cap,  # a dependent follows: the one program
         # float rows: no software pipelining (its buffers would overflow shared memory)
         num_warps=cfg.score_warps, maxnreg=cfg.score_maxnreg if fp4 else None,
         num_stages=3 if fp4 else 1,
