@@ -33,13 +33,11 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 from ds4py.quant.triton import moe  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     _clamped_swiglu,
-    _iq2_load,
     _lds,
-    _mags,
     _smem_tables,
     _table_base,
 )
-from ds4py.quant.triton.tiles import dp4a_add, tables  # noqa: E402
+from ds4py.quant.triton.tiles import dp4a_add, f16_at, signed_mags, tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # name, variant, rows per program, warps
@@ -51,6 +49,15 @@ VARIANTS = [
     ("one 32 KB lookup", 3, 8, 2),
     ("one 32 KB lookup", 3, 16, 4),
 ]
+
+
+@triton.jit
+def _iq2_load(w, row_off, D, gg):
+    """Words A, B and scales [R, G] of the rows at row_off [R, 1], one group per element (the
+    engine kernel's loads up to session 8; it now loads group pairs)."""
+    ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
+    a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
+    return a, bu, f16_at(w + row_off + D // 4 + 2 * (gg // 8))
 
 
 @triton.jit
@@ -70,7 +77,7 @@ def _big_base(like):
 
 
 @triton.jit
-def _octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, mag, V: tl.constexpr):
+def _octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, V: tl.constexpr):
     gi = ((a >> (8 * S)) & 255) * 4
     si = ((bu >> (7 * S)) & 127).to(tl.int32) * 4
     if V == 0:
@@ -79,36 +86,36 @@ def _octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, mag, V: tl.constexpr):
         sel = _lds(tab + gi) | si
     else:
         sel = gi | (si << 3)
-    acc = dp4a_add(_mags(sel, mag, False), xlo, acc, False)
-    return dp4a_add(_mags(sel >> 16, mag, False), xhi, acc, False)
+    acc = dp4a_add(signed_mags(sel, False), xlo, acc, False)
+    return dp4a_add(signed_mags(sel >> 16, False), xhi, acc, False)
 
 
 @triton.jit
-def _code(w, HI: tl.constexpr, big, xlo, xhi, acc, mag):
+def _code(w, HI: tl.constexpr, big, xlo, xhi, acc):
     """One octet of the 15-bit-code layout: its word's half indexes the table directly."""
     if HI:
         sel = _lds(big + ((w >> 14) & 0x7FFC))
     else:
         sel = _lds(big + ((w << 2) & 0x7FFC))
-    acc = dp4a_add(_mags(sel, mag, False), xlo, acc, False)
-    return dp4a_add(_mags(sel >> 16, mag, False), xhi, acc, False)
+    acc = dp4a_add(signed_mags(sel, False), xlo, acc, False)
+    return dp4a_add(signed_mags(sel >> 16, False), xhi, acc, False)
 
 
 @triton.jit
-def _rows(a, bu, d, tab, big, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V: tl.constexpr):
+def _rows(a, bu, d, tab, big, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V: tl.constexpr):
     if V == 3:
         b = bu.to(tl.int32, bitcast=True)
-        s = _code(a, False, big, x0, x1, tl.zeros_like(a), mag)
-        s = _code(a, True, big, x2, x3, s, mag)
-        s = _code(b, False, big, x4, x5, s, mag)
-        s = _code(b, True, big, x6, x7, s, mag)
+        s = _code(a, False, big, x0, x1, tl.zeros_like(a))
+        s = _code(a, True, big, x2, x3, s)
+        s = _code(b, False, big, x4, x5, s)
+        s = _code(b, True, big, x6, x7, s)
         sc = ((a >> 15) & 1) | ((a >> 30) & 2) | ((b >> 13) & 4) | ((bu >> 28).to(tl.int32) & 8)
         s = s * (2 * sc + 1)
     else:
-        s = _octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, mag, V)
-        s = _octet(a, bu, 1, x2, x3, s, tab, mag, V)
-        s = _octet(a, bu, 2, x4, x5, s, tab, mag, V)
-        s = _octet(a, bu, 3, x6, x7, s, tab, mag, V)
+        s = _octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, V)
+        s = _octet(a, bu, 1, x2, x3, s, tab, V)
+        s = _octet(a, bu, 2, x4, x5, s, tab, V)
+        s = _octet(a, bu, 3, x6, x7, s, tab, V)
         s = s * (((bu >> 27) | 1).to(tl.int32))
     return tl.sum(s.to(tl.float32) * (d * xsv), axis=1) * 0.125
 
@@ -124,9 +131,8 @@ def _ablated_kernel(
     e = tl.load(ids + slot).to(tl.int64)
     t = (slot // KTOP).to(tl.int64)
     gg = tl.arange(0, G)[None, :]
-    _smem_tables(tabs, False)
+    _smem_tables(tabs)
     tab = _table_base(gg)
-    mag = tab  # unused: the magnitudes stay an immediate, as in the unchained default
     if V == 3:
         _big_table(tl.arange(0, 32))
         big = _big_base(gg)
@@ -139,10 +145,10 @@ def _ablated_kernel(
     x4, x5 = tl.load(xw + 4 * G), tl.load(xw + 5 * G)
     x6, x7 = tl.load(xw + 6 * G), tl.load(xw + 7 * G)
     xsv = tl.load(xs + t * (D // 32) + gg)
-    ga, gb, gd = _iq2_load(gate, row_off, D, gg, True)
-    g = _rows(ga, gb, gd, tab, big, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V)
-    ua, ub, ud = _iq2_load(up, row_off, D, gg, True)
-    u = _rows(ua, ub, ud, tab, big, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V)
+    ga, gb, gd = _iq2_load(gate, row_off, D, gg)
+    g = _rows(ga, gb, gd, tab, big, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V)
+    ua, ub, ud = _iq2_load(up, row_off, D, gg)
+    u = _rows(ua, ub, ud, tab, big, xsv, x0, x1, x2, x3, x4, x5, x6, x7, V)
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 

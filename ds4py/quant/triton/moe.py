@@ -66,7 +66,7 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
-def _smem_tables(tabs, MAG: tl.constexpr):
+def _smem_tables(tabs):
     """Copy the IQ2_XXS selector tables (tiles.tables: 256 grid words, then 128 sign words)
     into shared memory, declared in inline PTX (Triton has no shared-array gather): a warp's
     random lookups there cost ~3 bank cycles against ~6-8 L1 wavefronts from global memory,
@@ -82,11 +82,6 @@ def _smem_tables(tabs, MAG: tl.constexpr):
         word = tl.load(tab32 + i)
         tl.inline_asm_elementwise(
             "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * i, word],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    if MAG:  # word 384: the prmt magnitudes, read back once into a register (see _mags)
-        tl.inline_asm_elementwise(
-            "st.shared.b32 [$1+1536], 0x002B1908;\n\tmov.u32 $0, 0;", "=r,r", [base],
             dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
     tl.debug_barrier()
@@ -109,23 +104,7 @@ def _lds(addr):
 
 
 @triton.jit
-def _mags(sel, mag, MAGR: tl.constexpr):
-    """tiles.signed_mags; MAGR: with its magnitude word (0x002B1908) from the register `mag`,
-    read from shared memory: as an immediate, ptxas re-materialises it before every prmt at
-    128 registers (256 instructions per program)."""
-    if MAGR:
-        v = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $2, 0x00D5E7F8, $1;", "=r,r,r", [sel, mag], dtype=tl.int32,
-            is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        v = signed_mags(sel, False)
-    return v
-
-
-@triton.jit
-def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, mag, tabs, MAGR: tl.constexpr,
-               EMULATE: tl.constexpr):  # fmt: skip
+def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, tabs, EMULATE: tl.constexpr):
     """acc + dot of octet S of IQ2_XXS groups (words a, bu) with int8 words xlo, xhi: two
     selector words (grid codes, signs) from the shared table at `tab` OR into one `prmt`
     selector; the interpreter reads the same tables from global memory (tiles.py)."""
@@ -135,44 +114,76 @@ def _iq2_octet(a, bu, S: tl.constexpr, xlo, xhi, acc, tab, mag, tabs, MAGR: tl.c
         gi = ((a >> (8 * S)) & 255) * 4
         si = ((bu >> (7 * S)) & 127).to(tl.int32) * 4
         sel = _lds(tab + gi) | _lds(tab + 1024 + si)
-        acc = dp4a_add(_mags(sel, mag, MAGR), xlo, acc, EMULATE)
-        acc = dp4a_add(_mags(sel >> 16, mag, MAGR), xhi, acc, EMULATE)
+        acc = dp4a_add(signed_mags(sel, False), xlo, acc, EMULATE)
+        acc = dp4a_add(signed_mags(sel >> 16, False), xhi, acc, EMULATE)
     return acc
 
 
 @triton.jit
-def _iq2_load(w, row_off, D, gg, W64: tl.constexpr):
-    """Words A, B and scales [R, G] of the IQ2_XXS rows at byte offsets row_off [R, 1] (split
-    layout, whole 32-groups per lane so every shift is a constant): all rows' loads up front
-    keep R rows in flight per warp."""
-    if W64:  # rows 8-byte aligned: words A and B in one load
-        ab = tl.load((w + row_off).to(tl.pointer_type(tl.uint64)) + gg)
-        a, bu = (ab & 0xFFFFFFFF).to(tl.int32), (ab >> 32).to(tl.uint32)
+def _pair(gm):
+    """[.., G / 2, 2] element offsets 2m, 2m + 1: a pair loaded as one vector, then split, so
+    its halves keep the layout of [.., G / 2] tensors."""
+    return 2 * gm[:, :, None] + tl.arange(0, 2)[None, None, :]
+
+
+@triton.jit
+def _lo_hi(v):
+    """The two 32-bit halves of uint64 words v, as int32."""
+    return (v & 0xFFFFFFFF).to(tl.int32), (v >> 32).to(tl.int32)
+
+
+@triton.jit
+def _iq2_load(w, row_off, D, gm, W64: tl.constexpr):
+    """Words A, B of groups 2m and 2m + 1 and the d of their block, [R, G / 2] each, of the
+    IQ2_XXS rows at byte offsets row_off [R, 1] (split layout): a lane's 16-byte load holds
+    both groups, so weights, activations (loaded in the same pairs) and scales share one
+    layout and no load is redistributed across lanes."""
+    if W64:  # rows 8-byte aligned: one group's words A and B in one 8-byte word
+        p = (w + row_off).to(tl.pointer_type(tl.uint64)) + tl.arange(0, 2 * gm.shape[1])
+        v0, v1 = tl.split(tl.reshape(tl.load(p), [row_off.shape[0], gm.shape[1], 2]))
+        a0, b0 = _lo_hi(v0)
+        a1, b1 = _lo_hi(v1)
     else:
-        wp = (w + row_off).to(tl.pointer_type(tl.int32)) + 2 * gg
-        a, bu = tl.load(wp), tl.load(wp + 1).to(tl.uint32, bitcast=True)
-    return a, bu, f16_at(w + row_off + D // 4 + 2 * (gg // 8))
+        p = (w + row_off).to(tl.pointer_type(tl.int32)) + 4 * gm
+        a0, b0, a1, b1 = tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+    b0, b1 = b0.to(tl.uint32, bitcast=True), b1.to(tl.uint32, bitcast=True)
+    return a0, b0, a1, b1, f16_at(w + row_off + D // 4 + 2 * (gm // 4))
 
 
 @triton.jit
-def _iq2_rows(a, bu, d, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7,
-              MAGR: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """Dots [R] of the rows _iq2_load read with the token's int8 activations ([1, G] words
-    per 32-group)."""
-    s = _iq2_octet(a, bu, 0, x0, x1, tl.zeros_like(a), tab, mag, tabs, MAGR, EMULATE)
-    s = _iq2_octet(a, bu, 1, x2, x3, s, tab, mag, tabs, MAGR, EMULATE)
-    s = _iq2_octet(a, bu, 2, x4, x5, s, tab, mag, tabs, MAGR, EMULATE)
-    s = _iq2_octet(a, bu, 3, x6, x7, s, tab, mag, tabs, MAGR, EMULATE)
-    s = s * (((bu >> 27) | 1).to(tl.int32))  # 2 * scale + 1; |s| < 2**23, exact as float
-    return tl.sum(s.to(tl.float32) * (d * xsv), axis=1) * 0.125
+def _iq2_group(a, bu, tabs, tab, x, EMULATE: tl.constexpr):
+    """Integer dots of 32-groups (words a, bu) with their 8 int8 activation words x, times
+    the group scale 2 * s + 1 (|dot| < 2**23: exact as float)."""
+    s = _iq2_octet(a, bu, 0, x[0], x[1], tl.zeros_like(a), tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 1, x[2], x[3], s, tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 2, x[4], x[5], s, tab, tabs, EMULATE)
+    s = _iq2_octet(a, bu, 3, x[6], x[7], s, tab, tabs, EMULATE)
+    return s * (((bu >> 27) | 1).to(tl.int32))
 
 
 @triton.jit
-def _prefetch_l2(ptr):
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-        is_pure=False, pack=1,
-    )  # fmt: skip
+def _x_words(xw, G: tl.constexpr):
+    """The token's 8 int8 activation words of the even and of the odd groups of each pair
+    (word j of group g at j * G + g, interleaved by 4 bytes: a pair's words in one load)."""
+    e0, o0 = tl.split(tl.load(xw))
+    e1, o1 = tl.split(tl.load(xw + G))
+    e2, o2 = tl.split(tl.load(xw + 2 * G))
+    e3, o3 = tl.split(tl.load(xw + 3 * G))
+    e4, o4 = tl.split(tl.load(xw + 4 * G))
+    e5, o5 = tl.split(tl.load(xw + 5 * G))
+    e6, o6 = tl.split(tl.load(xw + 6 * G))
+    e7, o7 = tl.split(tl.load(xw + 7 * G))
+    return (e0, e1, e2, e3, e4, e5, e6, e7), (o0, o1, o2, o3, o4, o5, o6, o7)
+
+
+@triton.jit
+def _iq2_rows(w, tabs, tab, xe, xo, xse, xso, EMULATE: tl.constexpr):
+    """Dots [R] of the rows _iq2_load read (w) with the token's int8 activations: xe / xo the
+    8 words of the even / odd groups of each pair ([1, G / 2]), xse / xso their scales."""
+    a0, b0, a1, b1, d = w
+    s0 = _iq2_group(a0, b0, tabs, tab, xe, EMULATE)
+    s1 = _iq2_group(a1, b1, tabs, tab, xo, EMULATE)
+    return tl.sum((s0.to(tl.float32) * xse + s1.to(tl.float32) * xso) * d, axis=1) * 0.125
 
 
 @triton.jit
@@ -181,40 +192,31 @@ def _moe_gate_up_iq2_kernel(
     KTOP: tl.constexpr, G: tl.constexpr, R: tl.constexpr, W64: tl.constexpr,
     PDL: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """IQ2_XXS gate/up: R rows of one slot per program ([R, G] tensors), selector tables in
-    shared memory, prmt-built weight bytes and chained dp4a (~2.4 SASS instructions/weight).
-    PDL: the weights (their addresses need the ids, written before x's producer ran) are
-    prefetched into L2 before waiting for the kernel that wrote x."""
+    """IQ2_XXS gate/up: R rows of one slot per program ([R, G / 2] tensors of group pairs),
+    selector tables in shared memory, prmt-built weight bytes and chained dp4a. PDL: the
+    tables and the weights (their addresses need the ids, written before x's producer ran)
+    are fetched before waiting for the kernel that wrote x."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     slot = tl.program_id(0)
     r0 = tl.program_id(1) * R
     e = tl.load(ids + slot).to(tl.int64)
     t = (slot // KTOP).to(tl.int64)
-    gg = tl.arange(0, G)[None, :]
+    gm = tl.arange(0, G // 2)[None, :]  # group pair m: groups 2m, 2m + 1
     if EMULATE:
-        tab, mag = gg, gg
+        tab = gm
     else:
-        _smem_tables(tabs, PDL)
-        tab = _table_base(gg)
-        # mag in a register: with the prefetches' registers (PDL) measured 2 us faster; without
-        # them (even the constant's store changes ptxas' allocation) 96 registers, 1.5 us slower
-        mag = _lds(_table_base(tl.arange(0, 1)[None, :]) + 1536)  # [1, 1]
+        _smem_tables(tabs)
+        tab = _table_base(gm)
     rr = tl.arange(0, R)
     row_off = ((e * F + r0 + rr) * RB)[:, None]
-    if PDL:  # into L2 only: loading them here would cost registers and reorder the math
-        _prefetch_l2(gate + row_off + 8 * gg)
-        _prefetch_l2(up + row_off + 8 * gg)
+    wg, wu = _iq2_load(gate, row_off, D, gm, W64), _iq2_load(up, row_off, D, gm, W64)
+    if PDL:
         tl.extra.cuda.gdc_wait()
-    xw = xq + t * (D // 4) + gg  # word j of group g at j * G + g (interleaved by 4 bytes)
-    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + G), tl.load(xw + 2 * G), tl.load(xw + 3 * G)
-    x4, x5 = tl.load(xw + 4 * G), tl.load(xw + 5 * G)
-    x6, x7 = tl.load(xw + 6 * G), tl.load(xw + 7 * G)
-    xsv = tl.load(xs + t * (D // 32) + gg)
-    ga, gb, gd = _iq2_load(gate, row_off, D, gg, W64)
-    g = _iq2_rows(ga, gb, gd, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, PDL, EMULATE)
-    ua, ub, ud = _iq2_load(up, row_off, D, gg, W64)
-    u = _iq2_rows(ua, ub, ud, tabs, tab, mag, xsv, x0, x1, x2, x3, x4, x5, x6, x7, PDL, EMULATE)
+    xe, xo = _x_words(xq + t * (D // 4) + _pair(gm), G)
+    xse, xso = tl.split(tl.load(xs + t * (D // 32) + _pair(gm)))
+    g = _iq2_rows(wg, tabs, tab, xe, xo, xse, xso, EMULATE)
+    u = _iq2_rows(wu, tabs, tab, xe, xo, xse, xso, EMULATE)
     hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
@@ -677,12 +679,12 @@ def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None 
 
 def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict | None:
     """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
-    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 4 rows, Q2_K / Q4_K
+    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 2 rows, Q2_K / Q4_K
     one lane row (gate and up: 2 row-units per lane; down: the slots one at a time, a lane row
     the two rows of 16 units, 128 registers: more rows per lane measured slower, as did slots
     in parallel)."""
     if qtype == GQ.IQ2_XXS and gate_up:
-        c = dict(R=4, num_warps=1)
+        c = dict(R=2, num_warps=1)
     elif qtype in (GQ.Q2_K, GQ.Q4_K):
         per_lane_row = 32 // max(1, cols // 128)  # rows sharing a warp's lanes
         c = dict(R=per_lane_row, num_warps=1) | ({} if gate_up else dict(KC=1, maxnreg=128))
