@@ -46,7 +46,7 @@ from ds4py.quant.triton.tiles import tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # tilings swept besides the defaults (H200 results: docs/PERFORMANCE.md)
-IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((2, 1), (2, 2), (4, 2), (8, 1), (8, 2), (8, 4))]
+IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (4, 1), (2, 2), (4, 2), (8, 1), (8, 2))]
 KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2))]
 # down: R rows per program, the slots in chunks of KC (in registers, or across the warps), the
 # next chunk's loads issued before this one's math when the register cap allows (maxnreg)
