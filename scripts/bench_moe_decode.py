@@ -174,7 +174,8 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     best = dict(gate_up=_fastest(gu_times), down=_fastest(dn_times))
     if None not in best.values() and best != new:
         variants.append((f"fastest pair {best}", best))
-        variants.append(("fastest pair, PDL", {k: v | {"PDL": 1} for k, v in best.items()}))
+        if all("R" in c for c in best.values()):  # the dedicated kernels: chainable
+            variants.append(("fastest pair, PDL", {k: v | {"PDL": 1} for k, v in best.items()}))
     for name, cfg in variants:
 
         def run(cfg=cfg):
