@@ -19,9 +19,10 @@ EXAMPLES = 20  # per operation and mode: the whole file runs in well under a min
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def api_schema():
-    # A one-token reply keeps each generated example cheap; the fuzz is about the inputs.
+    # A one-token reply keeps each generated example cheap; the fuzz is about the inputs. One
+    # app per test: schemathesis' pytest plugin ends the app's lifespan (our worker) after each.
     app = create_app(FakeEngine(lambda prompt: "ok"), ServerOptions(ctx=2048, max_tokens=64))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
