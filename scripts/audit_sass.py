@@ -5,10 +5,10 @@ Owns: compiling the engine's decode kernels (the tilings the engine picks on Hop
 programmatic dependent launch) for sm_90 without a GPU, and printing per kernel its registers,
 its static SASS instruction count, the most frequent opcodes and the number of layout
 conversions in its Triton IR (`ttg.convert_layout`; SEL / SHFL / shared-memory round trips in
-the SASS are what the costly ones become). The method behind docs/PERFORMANCE.md's "loads in
-group pairs" section; static counts, not timings.
+the SASS are what the costly ones become); iq2g is the Gluon IQ2_XXS kernel of sm_90. The
+method behind docs/PERFORMANCE.md's "loads in group pairs" section; static counts, not timings.
 Does not own: the kernels (ds4py/quant/triton), timings (bench_*.py on the device).
-Usage: python scripts/audit_sass.py [iq2 q2down q4down q4gu q8rows ...] [--dump DIR]
+Usage: python scripts/audit_sass.py [iq2 iq2g q2down q4down q4gu q8rows ...] [--dump DIR]
 (needs only torch, triton and gguf; --dump writes each kernel's TTGIR and SASS to DIR). The
 counts depend on the Triton version: the device's is 3.6 (docs/PERFORMANCE.md); conversions
 that only reorder a thread's registers count in the IR and cost nothing.
@@ -27,9 +27,10 @@ import triton
 from gguf import GGMLQuantizationType as GQ
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ds4py.quant.triton import gemv, moe  # noqa: E402
+from ds4py.quant.triton import gemv, moe, moe_decode_hopper  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 N_FF, DIM, KTOP = 2048, 4096, 6
@@ -45,6 +46,8 @@ def _moe_cfg(gate_t: GQ, down_t: GQ) -> dict:
 def _kernels() -> dict:
     """name -> (jit function, signature, constexprs, options) at the engine's q2/q4 shapes."""
     iq2 = _moe_cfg(GQ.IQ2_XXS, GQ.Q2_K)
+    iq2g = moe.moe_decode_config(1, KTOP, N_FF, DIM, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K,
+                                 pdl=True, gluon=True)["gate_up"]  # fmt: skip
     q4 = _moe_cfg(GQ.Q4_K, GQ.Q4_K)
     gu_sig = dict(xq="*i32", xs="*fp32", ids="*i32", wts="*fp32", gate="*u8", up="*u8",
                   tabs="*u8", h="*fp32", F="i32", D="i32", RB="i32", clamp="fp32")  # fmt: skip
@@ -60,6 +63,7 @@ def _kernels() -> dict:
         return {k: v for k, v in cfg.items() if k not in opts}, opts
 
     gu, gu_opt = own(iq2["gate_up"])
+    gg, gg_opt = own(iq2g)
     d2, d2_opt = own(iq2["down"])
     d4, d4_opt = own(q4["down"])
     g4, g4_opt = own(q4["gate_up"])
@@ -68,6 +72,8 @@ def _kernels() -> dict:
     return {
         "iq2": (moe._moe_gate_up_iq2_kernel, gu_sig,
                 dict(KTOP=KTOP, G=DIM // 32, W64=True, EMULATE=False, **gu), gu_opt),
+        "iq2g": (moe_decode_hopper._gate_up_kernel, gu_sig | dict(tabs="*i16"),
+                 dict(KTOP=KTOP, G=DIM // 32, NW=gg.pop("num_warps", 8), **gg), gg_opt),
         "q2down": (moe._moe_down_kq_kernel, down_sig,
                    dict(F=N_FF, KTOP=KTOP, U=N_FF // 128, FMT=int(GQ.Q2_K), EMULATE=False,
                         **{"KC": 1, **d2}), d2_opt),
@@ -86,7 +92,10 @@ def audit(name: str, fn, sig: dict, consts: dict, opts: dict, dump: Path | None)
     sig = dict(sig)
     attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if k in ALIGNED}
     sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+    src = (GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource)(
+        fn, sig, consts, attrs=attrs
+    )
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options=opts)  # fmt: skip
     cubin = Path(dump or "/tmp") / f"{name}.cubin"
     cubin.write_bytes(k.asm["cubin"])

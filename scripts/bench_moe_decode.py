@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import QTensor  # noqa: E402
+from ds4py.quant.triton import moe_decode_hopper  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
     gate_up_launch,
@@ -47,6 +48,13 @@ from ds4py.quant.triton.tiles import tables  # noqa: E402
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # tilings swept besides the defaults (H200 results: docs/PERFORMANCE.md)
 IQ2_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (4, 1), (2, 2), (4, 2), (8, 1), (8, 2))]
+# the Gluon kernel on sm_90 (moe_decode_hopper.py): NB blocks of num_warps rows per CTA, PF
+# blocks' weights loaded ahead
+IQ2_GLUON = [
+    dict(NB=nb, PF=pf, num_warps=w) | (dict(maxnreg=m) if m else {})
+    for nb, pf, w, m in ((2, 1, 8, 0), (4, 1, 8, 0), (4, 2, 8, 0), (4, 1, 8, 80), (4, 2, 8, 80),
+                         (4, 1, 8, 72), (2, 1, 8, 80), (8, 2, 4, 80), (4, 1, 4, 80))
+]  # fmt: skip
 KQ_GATE_UP = [dict(R=r, num_warps=w) for r, w in ((1, 1), (2, 1), (1, 2), (2, 2))]
 # down: R rows per program, the slots in chunks of KC (in registers, or across the warps), the
 # next chunk's loads issued before this one's math when the register cap allows (maxnreg)
@@ -106,12 +114,15 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
 
     generic = moe_decode_config(1, K, N_FF, DIM, int8=True)
     new = moe_decode_config(1, K, N_FF, DIM, int8=True, qtype=gate_t, down_qtype=down_t)
-    print(f"  generic cfg {generic}\n  new default {new}", flush=True)
+    engine = moe_decode_config(1, K, N_FF, DIM, int8=True, qtype=gate_t, down_qtype=down_t,
+                               pdl=True, gluon=moe_decode_hopper.supported(DEV))  # fmt: skip
+    unchained = {k: {n: v for n, v in c.items() if n != "PDL"} for k, c in engine.items()}
+    print(f"  generic cfg {generic}\n  new default {new}\n  engine's {engine}", flush=True)
     print(f"gate/up launch ({gu_mb / 1e6:.1f} MB; err vs reference h, tolerance 1e-5)",
           flush=True)  # fmt: skip
     h_buf = torch.empty(K, N_FF, device=DEV)
     gu_times = {}
-    for gu in _unique([generic["gate_up"], new["gate_up"]] + gate_up_cfgs):
+    for gu in _unique([generic["gate_up"], new["gate_up"], unchained["gate_up"]] + gate_up_cfgs):
         xo = operands(x, gate_t, gu)
 
         def run(gu=gu, xo=xo):
@@ -127,13 +138,13 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
 
     # the same launch with its weights in L2 (every call reads the same experts): how far the
     # kernel is from its own instruction-bound floor, not from the memory system's
-    gu = new["gate_up"]
-    xo = operands(x, gate_t, gu)
     one = ids[:, :1].repeat(1, K)  # one expert in all six slots: 1/6 of the bytes
-    for name, hot in (("same 6 experts every call", ids), ("one expert in all 6 slots", one)):
-        t = time_graph([lambda h=hot: gate_up_launch(x, xo, h, wts, gate, up, tabs, h_buf, CLAMP,
-                                                     gu)] * len(sets))  # fmt: skip
-        print(f"  {name:44s} {t * 1e6:8.2f} us  (weights in L2; default tiling)", flush=True)
+    for gu in _unique([new["gate_up"], unchained["gate_up"]]):
+        xo = operands(x, gate_t, gu)
+        for name, hot in (("same 6 experts every call", ids), ("one expert in all 6 slots", one)):
+            t = time_graph([lambda h=hot, g=gu, xo=xo: gate_up_launch(
+                x, xo, h, wts, gate, up, tabs, h_buf, CLAMP, g)] * len(sets))  # fmt: skip
+            print(f"  {name:44s} {t * 1e6:8.2f} us  (weights in L2; {gu})", flush=True)
 
     print(f"down launch ({dn_mb / 1e6:.1f} MB; err vs reference, tolerance 1e-5)", flush=True)
     o_buf = torch.empty(1, DIM, device=DEV)
@@ -169,12 +180,13 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
     variants = [
         ("generic", generic),
         ("new default", new),
-        ("new default, PDL (the engine's)", pdl),
+        ("Triton kernels, PDL", pdl),
+        ("the engine's (PDL; Gluon gate/up on sm_90)", engine),
     ]
     best = dict(gate_up=_fastest(gu_times), down=_fastest(dn_times))
     if None not in best.values() and best != new:
         variants.append((f"fastest pair {best}", best))
-        if all("R" in c for c in best.values()):  # the dedicated kernels: chainable
+        if all("R" in c or "NB" in c for c in best.values()):  # dedicated kernels: chainable
             variants.append(("fastest pair, PDL", {k: v | {"PDL": 1} for k, v in best.items()}))
     for name, cfg in variants:
 
@@ -213,7 +225,8 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     tabs = tables(DEV)
     sweep = not args.quick
-    bench_format("q2", GQ.IQ2_XXS, GQ.Q2_K, IQ2_GATE_UP if sweep else [],
+    iq2 = IQ2_GATE_UP + (IQ2_GLUON if moe_decode_hopper.supported(DEV) else [])
+    bench_format("q2", GQ.IQ2_XXS, GQ.Q2_K, iq2 if sweep else [],
                  KQ_DOWN if sweep else [], copy_bw, tabs)  # fmt: skip
     if not args.no_q4:
         bench_format("q4", GQ.Q4_K, GQ.Q4_K, KQ_GATE_UP if sweep else [],

@@ -20,7 +20,7 @@ CUDA = torch.cuda.is_available()
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import random_qtensor  # noqa: E402
-from ds4py.quant.triton import tiles  # noqa: E402
+from ds4py.quant.triton import moe_decode_hopper, tiles  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
@@ -113,6 +113,39 @@ def test_gate_up_iq2_kernel_matches_reference(dim):
     assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
 
 
+HOPPER = CUDA and moe_decode_hopper.supported(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
+@pytest.mark.parametrize(
+    "dim,n_ff,nb,pf,nw",  # rows = NB blocks of NW; one or two 64-group halves per lane
+    [(2048, 64, 1, 1, 4), (4096, 128, 4, 1, 8), (4096, 96, 3, 2, 2), (8192, 32, 2, 2, 8)],
+)
+def test_gate_up_gluon_kernel_matches_reference(dim, n_ff, nb, pf, nw):
+    gate, up = (_weight(GQ.IQ2_XXS, (3, n_ff, dim), s) for s in (1, 2))
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(3)).to(DEV)
+    ids, wts = _routing(2, 3, 2, seed=dim)
+    cfg = dict(NB=nb, PF=pf, num_warps=nw)
+    got = torch.full((4, n_ff), float("nan"), device=DEV)
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, cfg), ids, wts, gate, up, GRID, got, CLAMP, cfg)
+    assert _rel(got, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
+    tri, tcfg = torch.empty_like(got), dict(R=2, num_warps=1)
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, tcfg), ids, wts, gate, up, GRID, tri, CLAMP, tcfg)
+    assert _rel(got, tri) < 1e-6  # the Triton kernel: the same integer dots, other float order
+
+
+def test_gluon_config_only_where_it_fits():
+    real = moe_decode_config(1, 6, 2048, 4096, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K, gluon=True)
+    assert "NB" in real["gate_up"] and "R" in real["down"]
+    assert moe_decode_hopper.fits(2048, 4096, real["gate_up"])
+    small = moe_decode_config(1, 6, 256, 512, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K, gluon=True)
+    assert "R" in small["gate_up"]  # 16 groups a row: the Triton kernel
+    assert not moe_decode_hopper.fits(2048, 6144, real["gate_up"])  # 192 groups: not 2^n
+    assert not moe_decode_hopper.fits(40, 4096, dict(NB=4, PF=1, num_warps=8))  # 32-row blocks
+    q4 = moe_decode_config(1, 6, 2048, 4096, qtype=GQ.Q4_K, down_qtype=GQ.Q4_K, gluon=True)
+    assert "NB" not in q4["gate_up"]
+
+
 @pytest.mark.parametrize("gate_t,down_t", [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K)])
 def test_moe_decode_default_kernels_match_reference(gate_t, down_t):
     n_ff, dim = 256, 512
@@ -127,6 +160,22 @@ def test_moe_decode_default_kernels_match_reference(gate_t, down_t):
     assert _rel(got, _down_ref(h, ids, down)) < 1e-4  # h' may round differently at ties
     assert _rel(got, moe_ref(x, ids, wts, gate, up, down, CLAMP)) < 3e-2
     assert torch.equal(moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID), got)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
+def test_moe_decode_chains_the_gluon_kernel():
+    n_ff, dim = 256, 2048
+    gate, up = _weight(GQ.IQ2_XXS, (4, n_ff, dim), 1), _weight(GQ.IQ2_XXS, (4, n_ff, dim), 2)
+    down = _weight(GQ.Q2_K, (4, dim, n_ff), 3)
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(5)).to(DEV)
+    ids, wts = _routing(2, 4, 2, seed=6)
+    cfg = moe_decode_config(2, 2, n_ff, dim, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K, pdl=True,
+                            gluon=True)  # fmt: skip
+    assert "NB" in cfg["gate_up"] and cfg["gate_up"]["PDL"] == 1
+    got = moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID)  # picks cfg on its own
+    h = _gate_up_ref(x, ids, wts, gate, up)
+    assert _rel(got, _down_ref(h, ids, down)) < 1e-4
+    assert torch.equal(moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID, cfg), got)
 
 
 def test_moe_decode_rejects_tiles_that_do_not_fit():

@@ -5,7 +5,8 @@ e = ids[t,i]: two launches (gate+up+SwiGLU per slot; down per token, its k exper
 fixed order, no float atomics), their tilings and a torch reference. IQ2_XXS gate/up and Q2_K /
 Q4_K experts get their own inner loops (lanes own whole groups; int8 activations interleaved
 to match, dp4a/dp2a; IQ2_XXS tables in shared memory; on Hopper the launches and their
-activation roundings chained by programmatic dependent launch), other types rowdot.py's.
+activation roundings chained by programmatic dependent launch; on sm_90 the IQ2_XXS gate/up
+launch is moe_decode_hopper.py's Gluon kernel), other types rowdot.py's.
 Expert tensors are in split layout.
 Does not own: routing (the model), prefill (moe_prefill.py, moe_hopper.py).
 """
@@ -19,6 +20,7 @@ from gguf import GGMLQuantizationType as GQ
 
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
+from ds4py.quant.triton import moe_decode_hopper
 from ds4py.quant.triton.gemv import act_operands, gemv_config, pdl_ok
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
 from ds4py.quant.triton.tiles import (
@@ -573,7 +575,8 @@ def moe_decode(
     x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
     cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH,
                                    qtype=gate.qtype, down_qtype=down.qtype,
-                                   pdl=pdl_ok(x.device))  # fmt: skip
+                                   pdl=pdl_ok(x.device),
+                                   gluon=moe_decode_hopper.supported(x.device))  # fmt: skip
     gu, dn = cfg["gate_up"], cfg["down"]
     if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(
         down.qtype, dn, dim, n_ff, False
@@ -592,21 +595,25 @@ def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tup
     4-byte pieces; Q2_K / Q4_K: a 128-unit, 16-byte pieces), interleaved so that a warp's load
     of one piece of every run is a contiguous span (Nsight: the strided loads had made the
     L1 data pipe these kernels' bound)."""
-    interleave = 0 if "R" not in cfg else (4 if gate_up and qtype == GQ.IQ2_XXS else 16)
+    own = "R" in cfg or "NB" in cfg
+    interleave = 0 if not own else (4 if gate_up and qtype == GQ.IQ2_XXS else 16)
     return act_operands(x, qtype in INT8_PATH, interleave, bool(cfg.get("PDL")))
 
 
 def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
     """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it).
 
-    gu: (R, num_warps) the expert type's own kernel (IQ2_XXS, or Q2_K/Q4_K), else (BN, BK,
+    gu: (R, num_warps) the expert type's own kernel (IQ2_XXS, or Q2_K/Q4_K), (NB, PF,
+    num_warps) the IQ2_XXS Gluon kernel on sm_90 (moe_decode_hopper.py), else (BN, BK,
     num_warps) the generic one."""
     k, (_, n_ff, dim) = ids32.shape[1], gate.shape
     slots, emulate = ids32.numel(), interpreting()
     common = (xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
               gate.data.shape[-1], float(clamp))  # fmt: skip
     own = {"PDL": 0, **gu}
-    if "R" in gu and gate.qtype != GQ.IQ2_XXS:
+    if "NB" in gu:
+        moe_decode_hopper.gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, gu)
+    elif "R" in gu and gate.qtype != GQ.IQ2_XXS:
         up_off = up.data.data_ptr() - gate.data.data_ptr()
         _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
             xo[0], xo[1], ids32, wts, gate.data, up_off, h, n_ff, gate.data.shape[-1],
@@ -646,6 +653,8 @@ def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
 
 
 def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int, gate_up: bool = True) -> bool:
+    if "NB" in c:
+        return gate_up and qtype == GQ.IQ2_XXS and moe_decode_hopper.fits(rows, cols, c)
     if "R" in c and gate_up and qtype == GQ.IQ2_XXS:  # whole rows, one group per lane
         g = cols // 32
         return cols % 256 == 0 and g & (g - 1) == 0 and rows % c["R"] == 0
@@ -660,29 +669,34 @@ def _tiles_fit(qtype: GQ, c: dict, rows: int, cols: int, gate_up: bool = True) -
 def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None = None,
                       num_warps: int | None = None, int8: bool = True,
                       qtype: GQ | None = None, down_qtype: GQ | None = None,
-                      pdl: bool = False) -> dict:  # fmt: skip
+                      pdl: bool = False, gluon: bool = False) -> dict:  # fmt: skip
     """gemv's heuristic with the slot/token grid dimension counted; IQ2_XXS gate/up and
     Q2_K/Q4_K experts that fit get their own kernels (the interpreter takes up to 256 / 512 rows
     per program: its cost is per operation, not per element), launched as programmatic
-    dependents with their activation roundings if `pdl` (gemv.pdl_ok)."""
+    dependents with their activation roundings if `pdl` (gemv.pdl_ok); IQ2_XXS gate/up the
+    Gluon kernel if `gluon` (moe_decode_hopper.supported)."""
     gate_up = gemv_config(n_ff * n_tok * k, dim, n_ff, 1, tile, num_warps, int8)
     down = gemv_config(dim * n_tok, n_ff, dim, 1, tile, num_warps, int8)
     if tile is None and num_warps is None:
         own = {"PDL": 1} if pdl else {}
         g_own, d_own = (
-            _own_config(qtype, n_ff, dim, True),
+            _own_config(qtype, n_ff, dim, True, gluon),
             _own_config(down_qtype, dim, n_ff, False),
         )
         gate_up, down = (g_own | own if g_own else gate_up), (d_own | own if d_own else down)
     return dict(gate_up=gate_up, down=down)
 
 
-def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool) -> dict | None:
+def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool,
+                gluon: bool = False) -> dict | None:  # fmt: skip
     """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
-    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 2 rows, Q2_K / Q4_K
-    one lane row (gate and up: 2 row-units per lane; down: the slots one at a time, a lane row
-    the two rows of 16 units, 128 registers: more rows per lane measured slower, as did slots
-    in parallel)."""
+    H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 2 rows (Gluon: CTAs
+    of 8 warps over 4 blocks, one block's weights ahead), Q2_K / Q4_K one lane row (gate and
+    up: 2 row-units per lane; down: the slots one at a time, a lane row the two rows of 16
+    units, 128 registers: more rows per lane measured slower, as did slots in parallel)."""
+    hopper = dict(NB=4, PF=1, num_warps=8)
+    if qtype == GQ.IQ2_XXS and gate_up and gluon and moe_decode_hopper.fits(rows, cols, hopper):
+        return hopper
     if qtype == GQ.IQ2_XXS and gate_up:
         c = dict(R=2, num_warps=1)
     elif qtype in (GQ.Q2_K, GQ.Q4_K):

@@ -1,0 +1,238 @@
+"""IQ2_XXS routed-expert gate/up for decode on Hopper (sm_90) in Gluon, the grid table copied
+once per shared-memory bank.
+
+Owns: launch 1 of `moe.moe_decode` for IQ2_XXS experts on sm_90 (moe.py picks it; same inputs,
+interleaved int8 activations and output as its Triton kernel `_moe_gate_up_iq2_kernel`, which
+stays the reference path, the interpreter's and other GPUs'). Why: a warp's 32 random grid
+lookups in one shared table collide in its banks (~3.5 cycles a lookup); with the 256 grid
+words stored 32 times, entry-major (word g for lane l at 128 g + 4 l), lane l always reads
+bank l. The 33 KB table is filled once per CTA, so a CTA is NW warps (one row each, a layout
+Triton would not give: it splits a row across warps) looping over NB blocks of NW rows, the
+next block's weights loaded before this block's math. Per octet as in moe.py: grid word |
+sign word -> one `prmt` selector -> signed weight bytes -> two dp4a.
+Does not own: the activation rounding (act.py), the down launch and the chain (moe.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from ds4py.quant.triton.moe_hopper import _lds, _table_base
+from ds4py.quant.triton.tiles import interpreting
+
+SIGNS = gl.constexpr(32768)  # byte offset of the sign words, after the 32 grid copies
+
+
+def supported(device: torch.device) -> bool:
+    """An sm_90 GPU outside the interpreter (where the kernel was built and measured)."""
+    return (device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device) == (9, 0))  # fmt: skip
+
+
+def fits(n_ff: int, dim: int, cfg: dict) -> bool:
+    """Whether `cfg` (NB, PF, num_warps) tiles IQ2_XXS experts [n_ff, dim]: rows of 64-group
+    halves (dim a power of two from 2048; their 66 * dim / 256 bytes are then 16-byte
+    aligned), whole blocks of NB * num_warps rows."""
+    g = dim // 32
+    return dim >= 2048 and g & (g - 1) == 0 and n_ff % (cfg["NB"] * cfg["num_warps"]) == 0
+
+
+@gluon.jit
+def _fill_tables(tabs, NW: gl.constexpr):
+    """Store tiles.tables' 256 grid words 32 times each and its 128 sign words once into a
+    shared array declared in inline PTX (Gluon has no shared-memory gather; the name
+    moe_hopper._table_base reads), then sync."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    i = gl.arange(0, 32 * NW, layout=lay)  # one element per thread: declared once
+    base = gl.inline_asm_elementwise(
+        ".shared .align 16 .b32 iq2tab[8320];\n\tmov.u32 $0, iq2tab;", "=r,r", [i],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+    tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
+    rot = i % 8  # lanes start at different 16-byte chunks of their entry: no bank conflicts
+    for q in gl.static_range((256 + 32 * NW - 1) // (32 * NW)):
+        g = (i + 32 * NW * q) % 256  # with more threads than words some store a word twice
+        word, a = gl.load(tab32 + g), base + 128 * g
+        gl.inline_asm_elementwise(
+            "st.shared.v4.b32 [$1], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$2], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$3], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$4], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$5], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$6], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$7], {$9, $9, $9, $9};\n\t"
+            "st.shared.v4.b32 [$8], {$9, $9, $9, $9};\n\tmov.u32 $0, 0;",
+            "=r,r,r,r,r,r,r,r,r,r",
+            [a + 16 * rot, a + 16 * ((rot + 1) % 8), a + 16 * ((rot + 2) % 8),
+             a + 16 * ((rot + 3) % 8), a + 16 * ((rot + 4) % 8), a + 16 * ((rot + 5) % 8),
+             a + 16 * ((rot + 6) % 8), a + 16 * ((rot + 7) % 8), word],
+            dtype=gl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    for q in gl.static_range((128 + 32 * NW - 1) // (32 * NW)):
+        s = (i + 32 * NW * q) % 128
+        gl.inline_asm_elementwise(
+            "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r",
+            [base + SIGNS + 4 * s, gl.load(tab32 + 256 + s)], dtype=gl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
+    # in PTX like the stores it orders (Gluon renamed its barrier between Triton 3.6 and 3.9)
+    gl.inline_asm_elementwise("bar.sync 0; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _dp4a(a, b, c):
+    return gl.inline_asm_elementwise(
+        "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32, is_pure=True,
+        pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _signed_mags(sel):
+    """tiles.signed_mags: four signed weight bytes from selector nibbles (code | sign << 2)."""
+    return gl.inline_asm_elementwise(
+        "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=gl.int32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4):
+    """acc + dot of octet S of groups (words a, bu) with int8 words xlo, xhi: the grid word
+    from this lane's copy (byte S of a times 128, plus 4 * lane), the sign word from the
+    single copy."""
+    if S == 0:
+        grid = (a << 7) & 0x7F80
+    else:
+        grid = (a >> (8 * S - 7)) & 0x7F80
+    si = ((bu >> (7 * S)) & 127).to(gl.int32) * 4
+    sel = _lds(tab + (grid | lane4)) | _lds(tab + SIGNS + si)
+    acc = _dp4a(_signed_mags(sel), xlo, acc)
+    return _dp4a(_signed_mags(sel >> 16), xhi, acc)
+
+
+@gluon.jit
+def _group(a, bu, tab, lane4, x):
+    """Integer dots of 32-groups with their 8 activation words x, times 2 * scale + 1."""
+    s = _octet(a, bu, 0, x[0], x[1], gl.zeros_like(a), tab, lane4)
+    s = _octet(a, bu, 1, x[2], x[3], s, tab, lane4)
+    s = _octet(a, bu, 2, x[4], x[5], s, tab, lane4)
+    s = _octet(a, bu, 3, x[6], x[7], s, tab, lane4)
+    return s * (((bu >> 27) | 1).to(gl.int32))
+
+
+@gluon.jit
+def _load_rows(w, r4, r3, g, d_off, L3: gl.constexpr):
+    """Words A, B of groups 2m, 2m + 1 (one 16-byte load per lane and half row) and the d of
+    their block, [NW, H, 32] each, of the rows at byte offsets r4 / r3."""
+    v0, v1 = gl.split(gl.load((w + r4).to(gl.pointer_type(gl.uint64)) + g))
+    v0, v1 = gl.convert_layout(v0, L3), gl.convert_layout(v1, L3)  # the same registers
+    d = gl.load((w + r3 + d_off).to(gl.pointer_type(gl.float16))).to(gl.float32)
+    a0, b0 = (v0 & 0xFFFFFFFF).to(gl.int32), (v0 >> 32).to(gl.uint32)
+    a1, b1 = (v1 & 0xFFFFFFFF).to(gl.int32), (v1 >> 32).to(gl.uint32)
+    return a0, b0, a1, b1, d
+
+
+@gluon.jit
+def _block(gate, up, r4, r3, g, d_off, L3: gl.constexpr):
+    return _load_rows(gate, r4, r3, g, d_off, L3), _load_rows(up, r4, r3, g, d_off, L3)
+
+
+@gluon.jit
+def _dots(w, tab, lane4, xe, xo, xse, xso):
+    """Dots [NW] of the rows `_load_rows` read with the token's activations (xe / xo: the 8
+    words of the even / odd groups of each pair, xse / xso their scales)."""
+    a0, b0, a1, b1, d = w
+    s0 = _group(a0, b0, tab, lane4, xe)
+    s1 = _group(a1, b1, tab, lane4, xo)
+    v = (s0.to(gl.float32) * xse + s1.to(gl.float32) * xso) * d
+    return gl.sum(gl.sum(v, axis=2), axis=1) * 0.125
+
+
+@gluon.jit
+def _x_pair(p, L3: gl.constexpr):
+    even, odd = gl.split(gl.load(p))
+    return gl.convert_layout(even, L3), gl.convert_layout(odd, L3)
+
+
+@gluon.jit
+def _clamped_swiglu(g, u, clamp):
+    g = gl.minimum(g, clamp)
+    u = gl.minimum(gl.maximum(u, -clamp), clamp)
+    return g / (1.0 + gl.exp(-g)) * u
+
+
+@gluon.jit
+def _gate_up_kernel(
+    xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
+    KTOP: gl.constexpr, G: gl.constexpr, NB: gl.constexpr, PF: gl.constexpr, NW: gl.constexpr,
+    PDL: gl.constexpr,
+):  # fmt: skip
+    """One slot's NB blocks of NW rows per CTA (warp w: row w of each block); PF blocks'
+    weights loaded before the first math, block b + PF's before block b's. PDL: the weights
+    and tables are fetched before waiting for the kernel that wrote x."""
+    H: gl.constexpr = G // 64
+    # [row, half, lane, group of the pair]: group 64 h + 2 l + j, 16 bytes per lane and half
+    L4: gl.constexpr = gl.BlockedLayout([1, H, 1, 2], [1, 1, 32, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+    L3: gl.constexpr = gl.SliceLayout(3, L4)
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    slot = gl.program_id(0)
+    r0 = gl.program_id(1) * (NB * NW)
+    e = gl.load(ids + slot).to(gl.int64)
+    t = (slot // KTOP).to(gl.int64)
+    rr = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    hh = gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    ll = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    jj = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    g = gl.expand_dims(64 * hh[None, :, None] + 2 * ll[None, None, :], 3) + jj[None, None, None, :]
+    row_off = (e * F + r0 + rr) * RB
+    r4, r3 = row_off[:, None, None, None], row_off[:, None, None]
+    m = 32 * hh[None, :, None] + ll[None, None, :]  # group pair
+    d_off = D // 4 + 2 * (m // 4)
+    step = NW * RB
+    ws = ()
+    for b in gl.static_range(PF):
+        ws = ws + (_block(gate, up, r4 + b * step, r3 + b * step, g, d_off, L3),)
+    _fill_tables(tabs, NW)
+    tab = _table_base(m)
+    lane4 = 4 * ll[None, None, :]
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+    xw = xq + t * (D // 4) + g  # word j of group g at j * G + g
+    e0, o0 = _x_pair(xw, L3)
+    e1, o1 = _x_pair(xw + G, L3)
+    e2, o2 = _x_pair(xw + 2 * G, L3)
+    e3, o3 = _x_pair(xw + 3 * G, L3)
+    e4, o4 = _x_pair(xw + 4 * G, L3)
+    e5, o5 = _x_pair(xw + 5 * G, L3)
+    e6, o6 = _x_pair(xw + 6 * G, L3)
+    e7, o7 = _x_pair(xw + 7 * G, L3)
+    xe, xo = (e0, e1, e2, e3, e4, e5, e6, e7), (o0, o1, o2, o3, o4, o5, o6, o7)
+    xse, xso = _x_pair(xs + t * (D // 32) + g, L3)
+    wt = gl.load(wts + slot)
+    out = h + slot.to(gl.int64) * F + r0 + rr
+    for b in gl.static_range(NB):
+        if b + PF < NB:
+            nxt = (b + PF) * step
+            ws = ws + (_block(gate, up, r4 + nxt, r3 + nxt, g, d_off, L3),)
+        wg, wu = ws[b]
+        gv = _dots(wg, tab, lane4, xe, xo, xse, xso)
+        uv = _dots(wu, tab, lane4, xe, xo, xse, xso)
+        gl.store(out + b * NW, _clamped_swiglu(gv, uv, clamp) * wt)
+
+
+def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict) -> None:
+    """h [slots, n_ff] as moe.gate_up_launch computes it; `cfg` (NB, PF, num_warps[, maxnreg,
+    PDL]) must `fit` the experts, xo the 4-byte-interleaved operands moe.operands makes."""
+    (_, n_ff, dim), nb, nw = gate.shape, cfg["NB"], cfg["num_warps"]
+    pdl = int(cfg.get("PDL", 0))
+    _gate_up_kernel[(ids32.numel(), n_ff // (nb * nw))](
+        xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
+        float(clamp), KTOP=ids32.shape[1], G=dim // 32, NB=nb, PF=cfg.get("PF", 1), NW=nw,
+        PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"), launch_pdl=bool(pdl),
+    )  # fmt: skip
