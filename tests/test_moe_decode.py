@@ -118,7 +118,7 @@ HOPPER = CUDA and moe_decode_hopper.supported(torch.device("cuda"))
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
 @pytest.mark.parametrize(
-    "dim,n_ff,nb,pf,nw",  # rows = NB blocks of NW; one or two 64-group halves per lane
+    "dim,n_ff,nb,pf,nw",  # rows = NB blocks of NW; 1-4 64-group halves per lane
     [(2048, 64, 1, 1, 4), (4096, 128, 4, 1, 8), (4096, 96, 3, 2, 2), (8192, 32, 2, 2, 8)],
 )
 def test_gate_up_gluon_kernel_matches_reference(dim, n_ff, nb, pf, nw):

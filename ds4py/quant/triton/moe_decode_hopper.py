@@ -47,7 +47,7 @@ def _fill_tables(tabs, NW: gl.constexpr):
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     i = gl.arange(0, 32 * NW, layout=lay)  # one element per thread: declared once
     base = gl.inline_asm_elementwise(
-        ".shared .align 16 .b32 iq2tab[8320];\n\tmov.u32 $0, iq2tab;", "=r,r", [i],
+        ".shared .align 16 .b32 iq2tab[8324];\n\tmov.u32 $0, iq2tab;", "=r,r", [i],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
@@ -77,6 +77,12 @@ def _fill_tables(tabs, NW: gl.constexpr):
             [base + SIGNS + 4 * s, gl.load(tab32 + 256 + s)], dtype=gl.int32, is_pure=False,
             pack=1,
         )  # fmt: skip
+    # 4 copies of the permute's positive magnitudes, read back by `_magnitudes`
+    gl.inline_asm_elementwise(
+        "{\n\t.reg .b32 m;\n\tmov.b32 m, 0x002B1908;\n\tst.shared.b32 [$1], m;\n\t}\n\t"
+        "mov.u32 $0, 0;", "=r,r", [base + SIGNS + 512 + 4 * (i % 4)], dtype=gl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
     # in PTX like the stores it orders (Gluon renamed its barrier between Triton 3.6 and 3.9)
     gl.inline_asm_elementwise("bar.sync 0; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
@@ -90,16 +96,26 @@ def _dp4a(a, b, c):
 
 
 @gluon.jit
-def _signed_mags(sel):
-    """tiles.signed_mags: four signed weight bytes from selector nibbles (code | sign << 2)."""
+def _signed_mags(sel, mag):
+    """tiles.signed_mags: four signed weight bytes from selector nibbles (code | sign << 2),
+    the positive magnitudes `mag` from a register (`_magnitudes`)."""
     return gl.inline_asm_elementwise(
-        "prmt.b32 $0, 0x002B1908, 0x00D5E7F8, $1;", "=r,r", [sel], dtype=gl.int32,
-        is_pure=True, pack=1,
+        "prmt.b32 $0, $1, 0x00D5E7F8, $2;", "=r,r,r", [mag, sel], dtype=gl.int32, is_pure=True,
+        pack=1,
     )  # fmt: skip
 
 
 @gluon.jit
-def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4):
+def _magnitudes(tab, lane4):
+    """The permute's magnitude word 0x002B1908, each lane reading one of four copies: ptxas
+    keeps a value it cannot prove uniform in a register, where it rebuilt the immediate before
+    permutes (and the kernel took 98 registers against 80; H200: the chained q2 call 20.4-20.7
+    against 19.5-19.8 us)."""
+    return _lds(tab + SIGNS + 512 + (lane4 % 16))
+
+
+@gluon.jit
+def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4, mag):
     """acc + dot of octet S of groups (words a, bu) with int8 words xlo, xhi: the grid word
     from this lane's copy (byte S of a times 128, plus 4 * lane), the sign word from the
     single copy."""
@@ -109,17 +125,17 @@ def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4):
         grid = (a >> (8 * S - 7)) & 0x7F80
     si = ((bu >> (7 * S)) & 127).to(gl.int32) * 4
     sel = _lds(tab + (grid | lane4)) | _lds(tab + SIGNS + si)
-    acc = _dp4a(_signed_mags(sel), xlo, acc)
-    return _dp4a(_signed_mags(sel >> 16), xhi, acc)
+    acc = _dp4a(_signed_mags(sel, mag), xlo, acc)
+    return _dp4a(_signed_mags(sel >> 16, mag), xhi, acc)
 
 
 @gluon.jit
-def _group(a, bu, tab, lane4, x):
+def _group(a, bu, tab, lane4, mag, x):
     """Integer dots of 32-groups with their 8 activation words x, times 2 * scale + 1."""
-    s = _octet(a, bu, 0, x[0], x[1], gl.zeros_like(a), tab, lane4)
-    s = _octet(a, bu, 1, x[2], x[3], s, tab, lane4)
-    s = _octet(a, bu, 2, x[4], x[5], s, tab, lane4)
-    s = _octet(a, bu, 3, x[6], x[7], s, tab, lane4)
+    s = _octet(a, bu, 0, x[0], x[1], gl.zeros_like(a), tab, lane4, mag)
+    s = _octet(a, bu, 1, x[2], x[3], s, tab, lane4, mag)
+    s = _octet(a, bu, 2, x[4], x[5], s, tab, lane4, mag)
+    s = _octet(a, bu, 3, x[6], x[7], s, tab, lane4, mag)
     return s * (((bu >> 27) | 1).to(gl.int32))
 
 
@@ -141,12 +157,12 @@ def _block(gate, up, r4, r3, g, d_off, L3: gl.constexpr):
 
 
 @gluon.jit
-def _dots(w, tab, lane4, xe, xo, xse, xso):
+def _dots(w, tab, lane4, mag, xe, xo, xse, xso):
     """Dots [NW] of the rows `_load_rows` read with the token's activations (xe / xo: the 8
     words of the even / odd groups of each pair, xse / xso their scales)."""
     a0, b0, a1, b1, d = w
-    s0 = _group(a0, b0, tab, lane4, xe)
-    s1 = _group(a1, b1, tab, lane4, xo)
+    s0 = _group(a0, b0, tab, lane4, mag, xe)
+    s1 = _group(a1, b1, tab, lane4, mag, xo)
     v = (s0.to(gl.float32) * xse + s1.to(gl.float32) * xso) * d
     return gl.sum(gl.sum(v, axis=2), axis=1) * 0.125
 
@@ -200,6 +216,7 @@ def _gate_up_kernel(
     _fill_tables(tabs, NW)
     tab = _table_base(m)
     lane4 = 4 * ll[None, None, :]
+    mag = _magnitudes(tab, lane4)
     if PDL:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
@@ -221,8 +238,8 @@ def _gate_up_kernel(
             nxt = (b + PF) * step
             ws = ws + (_block(gate, up, r4 + nxt, r3 + nxt, g, d_off, L3),)
         wg, wu = ws[b]
-        gv = _dots(wg, tab, lane4, xe, xo, xse, xso)
-        uv = _dots(wu, tab, lane4, xe, xo, xse, xso)
+        gv = _dots(wg, tab, lane4, mag, xe, xo, xse, xso)
+        uv = _dots(wu, tab, lane4, mag, xe, xo, xse, xso)
         gl.store(out + b * NW, _clamped_swiglu(gv, uv, clamp) * wt)
 
 
@@ -234,5 +251,6 @@ def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict) -> None:
     _gate_up_kernel[(ids32.numel(), n_ff // (nb * nw))](
         xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
         float(clamp), KTOP=ids32.shape[1], G=dim // 32, NB=nb, PF=cfg.get("PF", 1), NW=nw,
-        PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"), launch_pdl=bool(pdl),
+        PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"),
+        launch_pdl=bool(pdl),
     )  # fmt: skip
