@@ -116,7 +116,8 @@ def audit(name: str, fn, sig: dict, consts: dict, opts: dict, dump: Path | None)
     regs = re.search(r"REG:(\d+)", res).group(1)
     conv = k.asm["ttgir"].count("ttg.convert_layout")
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))
-    print(f"{name:8s} {consts.get('R', '')!s:>3} rows  {regs:>3} registers  "
+    tile = f"{consts['R']} rows" if "R" in consts else f"{consts.get('NB', '')} blocks"
+    print(f"{name:8s} {tile:>9s}  {regs:>3} registers  "
           f"{sum(ops.values()):5d} SASS  {conv:2d} layout conversions\n         {top}")  # fmt: skip
 
 
