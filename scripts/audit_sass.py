@@ -72,7 +72,7 @@ def _kernels() -> dict:
     return {
         "iq2": (moe._moe_gate_up_iq2_kernel, gu_sig,
                 dict(KTOP=KTOP, G=DIM // 32, W64=True, EMULATE=False, **gu), gu_opt),
-        "iq2g": (moe_decode_hopper._gate_up_kernel, gu_sig | dict(tabs="*i16"),
+        "iq2g": (moe_decode_hopper._gate_up_kernel, _gluon_sig(gu_sig),
                  dict(KTOP=KTOP, G=DIM // 32, NW=gg.pop("num_warps", 8), **gg), gg_opt),
         "q2down": (moe._moe_down_kq_kernel, down_sig,
                    dict(F=N_FF, KTOP=KTOP, U=N_FF // 128, FMT=int(GQ.Q2_K), EMULATE=False,
@@ -86,6 +86,13 @@ def _kernels() -> dict:
         "q8rows": (gemv._rows_kernel, rows_sig,
                    dict(FMT=int(GQ.Q8_0), EMULATE=False, **{"PIPE": 0, **rows_c}), rows_opt),
     }  # fmt: skip
+
+
+def _gluon_sig(gu_sig: dict) -> dict:
+    """The Gluon kernel's arguments: the Triton kernel's, with h's int8 rounding after h."""
+    items = [(k, "*i16" if k == "tabs" else v) for k, v in gu_sig.items()]
+    at = [k for k, _ in items].index("h") + 1
+    return dict(items[:at] + [("hq", "*i8"), ("hs", "*fp32")] + items[at:])
 
 
 def audit(name: str, fn, sig: dict, consts: dict, opts: dict, dump: Path | None) -> None:

@@ -134,9 +134,30 @@ def test_gate_up_gluon_kernel_matches_reference(dim, n_ff, nb, pf, nw):
     assert _rel(got, tri) < 1e-6  # the Triton kernel: the same integer dots, other float order
 
 
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
+def test_gate_up_gluon_kernel_rounds_h_as_quantize_act():
+    n_ff, dim = 256, 2048
+    gate, up = (_weight(GQ.IQ2_XXS, (3, n_ff, dim), s) for s in (1, 2))
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(7)).to(DEV)
+    ids, wts = _routing(2, 3, 2, seed=8)
+    cfg = dict(NB=4, PF=1, num_warps=8, HQ=1)
+    h = torch.empty(4, n_ff, device=DEV)
+    ho = torch.empty(4, n_ff, dtype=torch.int8, device=DEV), torch.empty(4, n_ff // 32, device=DEV)
+    gate_up_launch(x, operands(x, GQ.IQ2_XXS, cfg), ids, wts, gate, up, GRID, h, CLAMP, cfg, ho)
+    assert _rel(h, _gate_up_ref(x, ids, wts, gate, up)) < 1e-5
+    want_q, want_s, _ = quantize_act(h, 16)  # what the down kernel reads otherwise
+    assert torch.equal(ho[0], want_q) and torch.equal(ho[1], want_s)
+    with pytest.raises(ValueError, match="32-row"):
+        gate_up_launch(x, operands(x, GQ.IQ2_XXS, cfg), ids, wts, gate, up, GRID, h, CLAMP,
+                       dict(NB=2, PF=1, num_warps=8), ho)  # fmt: skip
+
+
 def test_gluon_config_only_where_it_fits():
     real = moe_decode_config(1, 6, 2048, 4096, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K, gluon=True)
     assert "NB" in real["gate_up"] and "R" in real["down"]
+    assert real["gate_up"]["HQ"] == 1  # 32-row CTAs before the Q2_K down kernel: h rounded there
+    generic_down = moe_decode_config(1, 6, 2048, 4096, qtype=GQ.IQ2_XXS, gluon=True)
+    assert "NB" in generic_down["gate_up"] and "HQ" not in generic_down["gate_up"]
     assert moe_decode_hopper.fits(2048, 4096, real["gate_up"])
     small = moe_decode_config(1, 6, 256, 512, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K, gluon=True)
     assert "R" in small["gate_up"]  # 16 groups a row: the Triton kernel

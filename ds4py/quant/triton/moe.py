@@ -583,9 +583,15 @@ def moe_decode(
     ):
         raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
-    gate_up_launch(x, operands(x, gate.qtype, gu), ids32, wts, gate, up, tabs, h, clamp, gu)
+    ho = None
+    if gu.get("HQ"):  # the gate/up kernel rounds h itself: no rounding launch between them
+        hq = torch.empty(n_tok * k, n_ff, dtype=torch.int8, device=x.device)
+        hs = torch.empty(n_tok * k, n_ff // 32, dtype=torch.float32, device=x.device)
+        ho = (hq, hs)
+    gate_up_launch(x, operands(x, gate.qtype, gu), ids32, wts, gate, up, tabs, h, clamp, gu, ho)
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
-    down_launch(h, operands(h, down.qtype, dn, False), ids32, down, tabs, out, dn)
+    ho = (ho[0].view(torch.int32), ho[1]) if ho else operands(h, down.qtype, dn, False)
+    down_launch(h, ho, ids32, down, tabs, out, dn)
     return out
 
 
@@ -600,11 +606,12 @@ def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tup
     return act_operands(x, qtype in INT8_PATH, interleave, bool(cfg.get("PDL")))
 
 
-def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
+def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu, ho=None) -> None:
     """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it).
 
     gu: (R, num_warps) the expert type's own kernel (IQ2_XXS, or Q2_K/Q4_K), (NB, PF,
-    num_warps) the IQ2_XXS Gluon kernel on sm_90 (moe_decode_hopper.py), else (BN, BK,
+    num_warps[, HQ]) the IQ2_XXS Gluon kernel on sm_90 (moe_decode_hopper.py; with HQ it also
+    writes h's int8 rounding for the Q2_K / Q4_K down kernel into `ho`), else (BN, BK,
     num_warps) the generic one."""
     k, (_, n_ff, dim) = ids32.shape[1], gate.shape
     slots, emulate = ids32.numel(), interpreting()
@@ -612,7 +619,7 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu) -> None:
               gate.data.shape[-1], float(clamp))  # fmt: skip
     own = {"PDL": 0, **gu}
     if "NB" in gu:
-        moe_decode_hopper.gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, gu)
+        moe_decode_hopper.gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, gu, ho)
     elif "R" in gu and gate.qtype != GQ.IQ2_XXS:
         up_off = up.data.data_ptr() - gate.data.data_ptr()
         _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
@@ -684,6 +691,8 @@ def moe_decode_config(n_tok: int, k: int, n_ff: int, dim: int, tile: int | None 
             _own_config(down_qtype, dim, n_ff, False),
         )
         gate_up, down = (g_own | own if g_own else gate_up), (d_own | own if d_own else down)
+        if "NB" in gate_up and "R" in down and gate_up["NB"] * gate_up["num_warps"] == 32:
+            gate_up = gate_up | {"HQ": 1}  # its CTAs' rows are 32-groups of h: rounded there
     return dict(gate_up=gate_up, down=down)
 
 
@@ -691,10 +700,11 @@ def _own_config(qtype: GQ | None, rows: int, cols: int, gate_up: bool,
                 gluon: bool = False) -> dict | None:  # fmt: skip
     """The dedicated kernel's tiling for experts of `qtype` [rows, cols], None if none fits.
     H200 sweep (scripts/bench_moe_decode.py): one-warp programs; IQ2_XXS 2 rows (Gluon: CTAs
-    of 8 warps over 4 blocks, one block's weights ahead), Q2_K / Q4_K one lane row (gate and
-    up: 2 row-units per lane; down: the slots one at a time, a lane row the two rows of 16
-    units, 128 registers: more rows per lane measured slower, as did slots in parallel)."""
-    hopper = dict(NB=4, PF=1, num_warps=8)
+    of 8 warps over 4 blocks, one block's weights ahead, 80 registers: 3 CTAs per SM), Q2_K /
+    Q4_K one lane row (gate and up: 2 row-units per lane; down: the slots one at a time, a lane
+    row the two rows of 16 units, 128 registers: more rows per lane measured slower, as did
+    slots in parallel)."""
+    hopper = dict(NB=4, PF=1, num_warps=8, maxnreg=80)  # with HQ ptxas took 107 (no spills)
     if qtype == GQ.IQ2_XXS and gate_up and gluon and moe_decode_hopper.fits(rows, cols, hopper):
         return hopper
     if qtype == GQ.IQ2_XXS and gate_up:

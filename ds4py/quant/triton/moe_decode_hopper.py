@@ -9,8 +9,10 @@ words stored 32 times, entry-major (word g for lane l at 128 g + 4 l), lane l al
 bank l. The 33 KB table is filled once per CTA, so a CTA is NW warps (one row each, a layout
 Triton would not give: it splits a row across warps) looping over NB blocks of NW rows, the
 next block's weights loaded before this block's math. Per octet as in moe.py: grid word |
-sign word -> one `prmt` selector -> signed weight bytes -> two dp4a.
-Does not own: the activation rounding (act.py), the down launch and the chain (moe.py).
+sign word -> one `prmt` selector -> signed weight bytes -> two dp4a. With 32-row CTAs the
+kernel also rounds its 32-group of h for the down kernel (saving the chain a launch).
+Does not own: the activation rounding's definition (act.py), the down launch and the chain
+(moe.py).
 """
 
 from __future__ import annotations
@@ -181,14 +183,32 @@ def _clamped_swiglu(g, u, clamp):
 
 
 @gluon.jit
+def _round_h(hbuf, hq, hs, slot, r0, F, NW: gl.constexpr):
+    """act.quantize_act of the CTA's 32 h values (one 32-group, row i of the CTA at hbuf[i])
+    into the down kernel's operands: int8 interleaved by 16, and the scale."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])  # every warp: all 32 values
+    v = hbuf.load(lay)
+    amax = gl.max(gl.abs(v), axis=0)
+    inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
+    q = gl.minimum(gl.maximum(gl.floor(v * inv + 0.5), -127.0), 127.0)
+    i = r0 + gl.arange(0, 32, layout=lay)
+    pos = ((i // 16) % 8 * (F // 128) + i // 128) * 16 + i % 16  # piece j of unit o: act.py
+    row = slot.to(gl.int64)
+    gl.store(hq + row * F + pos, q.to(gl.int8))
+    gl.store(hs + row * (F // 32) + r0 // 32, amax / 127.0)
+
+
+@gluon.jit
 def _gate_up_kernel(
-    xq, xs, ids, wts, gate, up, tabs, h, F, D, RB, clamp,
+    xq, xs, ids, wts, gate, up, tabs, h, hq, hs, F, D, RB, clamp,
     KTOP: gl.constexpr, G: gl.constexpr, NB: gl.constexpr, PF: gl.constexpr, NW: gl.constexpr,
-    PDL: gl.constexpr,
+    HQ: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
     """One slot's NB blocks of NW rows per CTA (warp w: row w of each block); PF blocks'
     weights loaded before the first math, block b + PF's before block b's. PDL: the weights
-    and tables are fetched before waiting for the kernel that wrote x."""
+    and tables are fetched before waiting for the kernel that wrote x. HQ (NB * NW = 32): the
+    CTA's rows are one 32-group of h, rounded here for the Q2_K / Q4_K down kernel (no
+    separate rounding launch)."""
     H: gl.constexpr = G // 64
     # [row, half, lane, group of the pair]: group 64 h + 2 l + j, 16 bytes per lane and half
     L4: gl.constexpr = gl.BlockedLayout([1, H, 1, 2], [1, 1, 32, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
@@ -233,6 +253,10 @@ def _gate_up_kernel(
     xse, xso = _x_pair(xs + t * (D // 32) + g, L3)
     wt = gl.load(wts + slot)
     out = h + slot.to(gl.int64) * F + r0 + rr
+    if HQ:
+        hbuf = gl.allocate_shared_memory(
+            gl.float32, [NB * NW], gl.SwizzledSharedLayout(1, 1, 1, [0])
+        )
     for b in gl.static_range(NB):
         if b + PF < NB:
             nxt = (b + PF) * step
@@ -240,17 +264,30 @@ def _gate_up_kernel(
         wg, wu = ws[b]
         gv = _dots(wg, tab, lane4, mag, xe, xo, xse, xso)
         uv = _dots(wu, tab, lane4, mag, xe, xo, xse, xso)
-        gl.store(out + b * NW, _clamped_swiglu(gv, uv, clamp) * wt)
+        hv = _clamped_swiglu(gv, uv, clamp) * wt
+        gl.store(out + b * NW, hv)
+        if HQ:
+            hbuf.slice(b * NW, NW).store(hv)
+    if HQ:
+        gl.inline_asm_elementwise("bar.sync 0; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+        _round_h(hbuf, hq, hs, slot, r0, F, NW)
 
 
-def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict) -> None:
+def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict, ho=None) -> None:
     """h [slots, n_ff] as moe.gate_up_launch computes it; `cfg` (NB, PF, num_warps[, maxnreg,
-    PDL]) must `fit` the experts, xo the 4-byte-interleaved operands moe.operands makes."""
+    PDL]) must `fit` the experts, xo the 4-byte-interleaved operands moe.operands makes. With
+    `ho` (int8 [slots, n_ff], scales [slots, n_ff / 32]; NB * num_warps = 32) also h's rounding
+    as `act.quantize_act(h, 16)` makes it."""
     (_, n_ff, dim), nb, nw = gate.shape, cfg["NB"], cfg["num_warps"]
     pdl = int(cfg.get("PDL", 0))
+    if ho is not None and nb * nw != 32:
+        raise ValueError(f"gate/up kernel: rounding h needs 32-row CTAs, got {cfg}")
+    hq, hs = ho if ho is not None else (h, h)
     _gate_up_kernel[(ids32.numel(), n_ff // (nb * nw))](
-        xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
-        float(clamp), KTOP=ids32.shape[1], G=dim // 32, NB=nb, PF=cfg.get("PF", 1), NW=nw,
-        PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"),
+        xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, hq, hs, n_ff, dim,
+        gate.data.shape[-1], float(clamp), KTOP=ids32.shape[1], G=dim // 32, NB=nb,
+        PF=cfg.get("PF", 1), NW=nw,
+        HQ=int(ho is not None), PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"),
         launch_pdl=bool(pdl),
     )  # fmt: skip
