@@ -207,3 +207,10 @@ def test_moe_decode_rejects_tiles_that_do_not_fit():
     bad = dict(gate_up=dict(R=3, num_warps=2), down=dict(R=8, num_warps=8))  # 3 rows: no fit
     with pytest.raises(ValueError, match="do not fit"):
         moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID, bad)
+    gate, up = _weight(GQ.IQ2_XXS, (2, 256, 2048), 1), _weight(GQ.IQ2_XXS, (2, 256, 2048), 2)
+    down = _weight(GQ.Q2_K, (2, 2048, 256), 3)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(0)).to(DEV)
+    fused = dict(NB=4, PF=1, num_warps=8, HQ=1)  # h rounded for the K-quant down kernel only
+    bad = dict(gate_up=fused, down=dict(BN=4, BK=256, num_warps=2))
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID, bad)

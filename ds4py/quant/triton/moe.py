@@ -578,9 +578,9 @@ def moe_decode(
                                    pdl=pdl_ok(x.device),
                                    gluon=moe_decode_hopper.supported(x.device))  # fmt: skip
     gu, dn = cfg["gate_up"], cfg["down"]
-    if not _tiles_fit(gate.qtype, gu, n_ff, dim) or not _tiles_fit(
-        down.qtype, dn, dim, n_ff, False
-    ):
+    fused_ok = not gu.get("HQ") or "R" in dn  # h rounded for the K-quant down kernel only
+    if not (_tiles_fit(gate.qtype, gu, n_ff, dim) and _tiles_fit(down.qtype, dn, dim, n_ff, False)
+            and fused_ok):  # fmt: skip
         raise ValueError(f"moe_decode: tiles {cfg} do not fit experts {gate.shape}")
     h = torch.empty(n_tok * k, n_ff, dtype=torch.float32, device=x.device)
     ho = None
