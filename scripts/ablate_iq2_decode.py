@@ -32,7 +32,6 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant.triton import moe  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
-    _clamped_swiglu,
     _iq2_load,
     _lds,
     _pair,
@@ -40,7 +39,7 @@ from ds4py.quant.triton.moe import (  # noqa: E402
     _table_base,
     _x_words,
 )
-from ds4py.quant.triton.tiles import dp4a_add, signed_mags, tables  # noqa: E402
+from ds4py.quant.triton.tiles import clamped_swiglu, dp4a_add, signed_mags, tables  # noqa: E402
 
 N_EXP, N_FF, DIM, K, CLAMP = 256, 2048, 4096, 6, 10.0
 # name, variant, rows per program (one warp)
@@ -121,7 +120,7 @@ def _ablated_kernel(
     xse, xso = tl.split(tl.load(xs + t * (D // 32) + _pair(gm)))
     g = _rows(wg, tab, lane4, xe, xo, xse, xso, V)
     u = _rows(wu, tab, lane4, xe, xo, xse, xso, V)
-    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    hv = clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
 

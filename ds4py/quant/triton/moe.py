@@ -25,6 +25,7 @@ from ds4py.quant.triton.gemv import act_operands, gemv_config, pdl_ok
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
+    clamped_swiglu,
     dp4a_add,
     dp4a_us,
     f16_at,
@@ -36,13 +37,6 @@ from ds4py.quant.triton.tiles import (
 )
 
 # ---- Decode ----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _clamped_swiglu(g, u, clamp):
-    g = tl.minimum(g, clamp)
-    u = tl.minimum(tl.maximum(u, -clamp), clamp)
-    return g * tl.sigmoid(g) * u
 
 
 @triton.jit
@@ -63,7 +57,7 @@ def _moe_gate_up_kernel(
         acc_g = accumulate(acc_g, gate, tabs, row_off, D, k0, x, xq, xs, xsum, FMT, BK, EMULATE)
         acc_u = accumulate(acc_u, up, tabs, row_off, D, k0, x, xq, xs, xsum, FMT, BK, EMULATE)
     g, u = tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
-    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    hv = clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + rows, hv, mask=rows < F)
 
 
@@ -219,7 +213,7 @@ def _moe_gate_up_iq2_kernel(
     xse, xso = tl.split(tl.load(xs + t * (D // 32) + _pair(gm)))
     g = _iq2_rows(wg, tabs, tab, xe, xo, xse, xso, EMULATE)
     u = _iq2_rows(wu, tabs, tab, xe, xo, xse, xso, EMULATE)
-    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    hv = clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     tl.store(h + slot.to(tl.int64) * F + r0 + rr, hv)
 
 
@@ -540,7 +534,7 @@ def _moe_gate_up_kq_kernel(
     m3 = tl.arange(0, 2)[None, :, None]
     g = tl.sum(tl.where(m3 == 0, dots, 0.0), axis=1)
     u = tl.sum(tl.where(m3 == 1, dots, 0.0), axis=1)
-    hv = _clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
+    hv = clamped_swiglu(g, u, clamp) * tl.load(wts + slot)
     orow = tl.program_id(1) * R + tl.arange(0, R // G)[:, None] * G + tl.arange(0, G)[None, :]
     tl.store(h + slot.to(tl.int64) * F + orow, hv)
 

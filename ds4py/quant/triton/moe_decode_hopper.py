@@ -22,7 +22,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from ds4py.quant.triton.moe_hopper import _lds, _table_base
-from ds4py.quant.triton.tiles import interpreting
+from ds4py.quant.triton.tiles import clamped_swiglu, dp4a_add, interpreting
 
 SIGNS = gl.constexpr(32768)  # byte offset of the sign words, after the 32 grid copies
 
@@ -90,14 +90,6 @@ def _fill_tables(tabs, NW: gl.constexpr):
 
 
 @gluon.jit
-def _dp4a(a, b, c):
-    return gl.inline_asm_elementwise(
-        "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32, is_pure=True,
-        pack=1,
-    )  # fmt: skip
-
-
-@gluon.jit
 def _signed_mags(sel, mag):
     """tiles.signed_mags: four signed weight bytes from selector nibbles (code | sign << 2),
     the positive magnitudes `mag` from a register (`_magnitudes`)."""
@@ -127,8 +119,8 @@ def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4, mag):
         grid = (a >> (8 * S - 7)) & 0x7F80
     si = ((bu >> (7 * S)) & 127).to(gl.int32) * 4
     sel = _lds(tab + (grid | lane4)) | _lds(tab + SIGNS + si)
-    acc = _dp4a(_signed_mags(sel, mag), xlo, acc)
-    return _dp4a(_signed_mags(sel >> 16, mag), xhi, acc)
+    acc = dp4a_add(_signed_mags(sel, mag), xlo, acc, False)
+    return dp4a_add(_signed_mags(sel >> 16, mag), xhi, acc, False)
 
 
 @gluon.jit
@@ -173,13 +165,6 @@ def _dots(w, tab, lane4, mag, xe, xo, xse, xso):
 def _x_pair(p, L3: gl.constexpr):
     even, odd = gl.split(gl.load(p))
     return gl.convert_layout(even, L3), gl.convert_layout(odd, L3)
-
-
-@gluon.jit
-def _clamped_swiglu(g, u, clamp):
-    g = gl.minimum(g, clamp)
-    u = gl.minimum(gl.maximum(u, -clamp), clamp)
-    return g / (1.0 + gl.exp(-g)) * u
 
 
 @gluon.jit
@@ -264,7 +249,7 @@ def _gate_up_kernel(
         wg, wu = ws[b]
         gv = _dots(wg, tab, lane4, mag, xe, xo, xse, xso)
         uv = _dots(wu, tab, lane4, mag, xe, xo, xse, xso)
-        hv = _clamped_swiglu(gv, uv, clamp) * wt
+        hv = clamped_swiglu(gv, uv, clamp) * wt
         gl.store(out + b * NW, hv)
         if HQ:
             hbuf.slice(b * NW, NW).store(hv)

@@ -19,8 +19,15 @@ import triton.language as tl
 
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton import moe_hopper
-from ds4py.quant.triton.moe import _check, _clamped_swiglu, moe_ref
-from ds4py.quant.triton.tiles import dequant_tile, f16_at, interpreting, prepared, signed_mags
+from ds4py.quant.triton.moe import _check, moe_ref
+from ds4py.quant.triton.tiles import (
+    clamped_swiglu,
+    dequant_tile,
+    f16_at,
+    interpreting,
+    prepared,
+    signed_mags,
+)
 
 __all__ = ["moe_prefill", "moe_prefill_config", "moe_ref", "dequant_f16"]
 
@@ -210,7 +217,7 @@ def _gate_up_kernel(
         xt = tl.load(xcol + k0 + kk)  # [BK, BM] float16
         acc_g = _dot(tile16(gate, tabs, row_off, D, k0, FMT, BK, EMULATE), xt, acc_g, EMULATE)
         acc_u = _dot(tile16(up, tabs, row_off, D, k0, FMT, BK, EMULATE), xt, acc_u, EMULATE)
-    hv = _clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot, mask=valid, other=0)[None, :]
+    hv = clamped_swiglu(acc_g, acc_u, clamp) * tl.load(wts + slot, mask=valid, other=0)[None, :]
     dst = h + rows.to(tl.int64)[None, :] * F + rn[:, None]
     tl.store(dst, hv.to(tl.float16), mask=valid[None, :])
 

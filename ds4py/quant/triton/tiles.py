@@ -1,6 +1,6 @@
 """Shared Triton pieces: tables, bit tricks, and the k-order dequantized tile used by GEMMs.
 
-Owns: the IQ2_XXS grid / sign tables as device tensors, int->float and dp4a helpers, and
+Owns: the IQ2_XXS grid / sign tables as device tensors, int->float, dp4a and SwiGLU helpers, and
 `dequant_tile`, which decodes rows of a *split-layout* weight (ds4py/quant/formats.py
 `split_rows`) for columns k0..k0+BK into float32 [BN, BK] in column order (MODEL.md §5.5).
 Does not own: decode-time dot products (rowdot.py) or any launch logic.
@@ -68,6 +68,14 @@ def u2f(q):
 @triton.jit
 def f16_at(ptr):
     return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def clamped_swiglu(g, u, clamp):
+    """ref.swiglu: silu(min(g, c)) * clamp(u, -c, c) (the decode and prefill expert kernels)."""
+    g = tl.minimum(g, clamp)
+    u = tl.minimum(tl.maximum(u, -clamp), clamp)
+    return g * tl.sigmoid(g) * u
 
 
 @triton.jit
