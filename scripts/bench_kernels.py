@@ -42,6 +42,7 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import FORMATS, QTensor, random_blocks, row_bytes  # noqa: E402
+from ds4py.quant.triton import moe_decode_hopper  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
 from ds4py.quant.triton.gemm import gemm, gemm_config  # noqa: E402
 from ds4py.quant.triton.gemv import (  # noqa: E402
@@ -178,8 +179,17 @@ def bench_moe_decode(name, gate_t, down_t, n_tok, copy_bw, grid, rows, k=6, n_ex
     per_expert = gate[0].nbytes + up[0].nbytes + down[0].nbytes
     nbytes = len(torch.unique(sets[0])) * per_expert
     want = ref.moe(x, sets[0], wts, gate, up, down, 10.0)
+    # the engine's: cfg=None in moe_decode (PDL chain, the Gluon gate/up kernel on sm_90)
     default = moe_decode_config(
-        n_tok, k, n_ff, dim, int8=gate_t in INT8_PATH, qtype=gate_t, down_qtype=down_t
+        n_tok,
+        k,
+        n_ff,
+        dim,
+        int8=gate_t in INT8_PATH,
+        qtype=gate_t,
+        down_qtype=down_t,
+        pdl=pdl_ok(x.device),
+        gluon=moe_decode_hopper.supported(x.device),
     )
     results = []
     cands = [moe_decode_config(n_tok, k, n_ff, dim, te, nw) for te in (2048, 4096, 8192)

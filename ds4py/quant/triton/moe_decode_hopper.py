@@ -109,6 +109,15 @@ def _magnitudes(tab, lane4):
 
 
 @gluon.jit
+def _or(x, y):
+    """x | y where LLVM cannot see it: as a disjoint `or` it became an add, reassociated into
+    (tab + lane4) + grid, and ptxas then spent an add per lookup on half the octets."""
+    return gl.inline_asm_elementwise(
+        "or.b32 $0, $1, $2;", "=r,r,r", [x, y], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
 def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4, mag):
     """acc + dot of octet S of groups (words a, bu) with int8 words xlo, xhi: the grid word
     from this lane's copy (byte S of a times 128, plus 4 * lane), the sign word from the
@@ -118,7 +127,7 @@ def _octet(a, bu, S: gl.constexpr, xlo, xhi, acc, tab, lane4, mag):
     else:
         grid = (a >> (8 * S - 7)) & 0x7F80
     si = ((bu >> (7 * S)) & 127).to(gl.int32) * 4
-    sel = _lds(tab + (grid | lane4)) | _lds(tab + SIGNS + si)
+    sel = _lds(tab + _or(grid, lane4)) | _lds(tab + SIGNS + si)
     acc = dp4a_add(_signed_mags(sel, mag), xlo, acc, False)
     return dp4a_add(_signed_mags(sel >> 16, mag), xhi, acc, False)
 
