@@ -566,7 +566,8 @@ def moe_decode(
     gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
     _, n_ff, dim = gate.shape
-    x, ids32, wts = x.contiguous(), ids.to(torch.int32).contiguous(), weights.contiguous()
+    # int32 or int64 ids as given: the kernels widen them (a cast was one more launch)
+    x, ids, wts = x.contiguous(), ids.contiguous(), weights.contiguous()
     cfg = cfg or moe_decode_config(n_tok, k, n_ff, dim, int8=gate.qtype in INT8_PATH,
                                    qtype=gate.qtype, down_qtype=down.qtype,
                                    pdl=pdl_ok(x.device),
@@ -582,10 +583,10 @@ def moe_decode(
         hq = torch.empty(n_tok * k, n_ff, dtype=torch.int8, device=x.device)
         hs = torch.empty(n_tok * k, n_ff // 32, dtype=torch.float32, device=x.device)
         ho = (hq, hs)
-    gate_up_launch(x, operands(x, gate.qtype, gu), ids32, wts, gate, up, tabs, h, clamp, gu, ho)
+    gate_up_launch(x, operands(x, gate.qtype, gu), ids, wts, gate, up, tabs, h, clamp, gu, ho)
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
     ho = (ho[0].view(torch.int32), ho[1]) if ho else operands(h, down.qtype, dn, False)
-    down_launch(h, ho, ids32, down, tabs, out, dn)
+    down_launch(h, ho, ids, down, tabs, out, dn)
     return out
 
 
@@ -600,24 +601,24 @@ def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tup
     return act_operands(x, qtype in INT8_PATH, interleave, bool(cfg.get("PDL")))
 
 
-def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu, ho=None) -> None:
+def gate_up_launch(x, xo, ids, wts, gate, up, tabs, h, clamp, gu, ho=None) -> None:
     """Launch 1 of moe_decode into h [slots, n_ff] (prepared experts; benchmarks time it).
 
     gu: (R, num_warps) the expert type's own kernel (IQ2_XXS, or Q2_K/Q4_K), (NB, PF,
     num_warps[, HQ]) the IQ2_XXS Gluon kernel on sm_90 (moe_decode_hopper.py; with HQ it also
     writes h's int8 rounding for the Q2_K / Q4_K down kernel into `ho`), else (BN, BK,
     num_warps) the generic one."""
-    k, (_, n_ff, dim) = ids32.shape[1], gate.shape
-    slots, emulate = ids32.numel(), interpreting()
-    common = (xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, n_ff, dim,
+    k, (_, n_ff, dim) = ids.shape[1], gate.shape
+    slots, emulate = ids.numel(), interpreting()
+    common = (xo[0], xo[1], ids, wts, gate.data, up.data, tabs, h, n_ff, dim,
               gate.data.shape[-1], float(clamp))  # fmt: skip
     own = {"PDL": 0, **gu}
     if "NB" in gu:
-        moe_decode_hopper.gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, gu, ho)
+        moe_decode_hopper.gate_up_launch(xo, ids, wts, gate, up, tabs, h, clamp, gu, ho)
     elif "R" in gu and gate.qtype != GQ.IQ2_XXS:
         up_off = up.data.data_ptr() - gate.data.data_ptr()
         _moe_gate_up_kq_kernel[(slots, n_ff // gu["R"])](
-            xo[0], xo[1], ids32, wts, gate.data, up_off, h, n_ff, gate.data.shape[-1],
+            xo[0], xo[1], ids, wts, gate.data, up_off, h, n_ff, gate.data.shape[-1],
             float(clamp), D=dim, KTOP=k, U=dim // 128, FMT=int(gate.qtype), EMULATE=emulate,
             launch_pdl=bool(own["PDL"]), **own,
         )  # fmt: skip
@@ -628,27 +629,27 @@ def gate_up_launch(x, xo, ids32, wts, gate, up, tabs, h, clamp, gu, ho=None) -> 
         )  # fmt: skip
     else:
         _moe_gate_up_kernel[(slots, n_ff // gu["BN"])](
-            x, *xo, ids32, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
+            x, *xo, ids, wts, gate.data, up.data, tabs, h, n_ff, dim, gate.data.shape[-1],
             float(clamp), KTOP=k, FMT=int(gate.qtype), AG=acc_groups(gate.qtype, gu["BK"]),
             EMULATE=emulate, **gu,
         )  # fmt: skip
 
 
-def down_launch(h, ho, ids32, down, tabs, out, dn) -> None:
+def down_launch(h, ho, ids, down, tabs, out, dn) -> None:
     """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho.
 
     dn: (R, num_warps, KC slots per chunk) the Q2_K/Q4_K kernel, else (BN, BK, num_warps) the
     generic one."""
-    (n_tok, k), (_, dim, n_ff) = ids32.shape, down.shape
+    (n_tok, k), (_, dim, n_ff) = ids.shape, down.shape
     if "R" in dn:
         _moe_down_kq_kernel[(n_tok, dim // dn["R"])](
-            ho[0], ho[1], ids32, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
+            ho[0], ho[1], ids, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
             U=n_ff // 128, FMT=int(down.qtype), EMULATE=interpreting(),
             launch_pdl=bool(dn.get("PDL")), **{"KC": triton.next_power_of_2(k), "PDL": 0, **dn},
         )  # fmt: skip
         return
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
-        h, *ho, ids32, down.data, tabs, out, dim, n_ff, down.data.shape[-1], KTOP=k,
+        h, *ho, ids, down.data, tabs, out, dim, n_ff, down.data.shape[-1], KTOP=k,
         FMT=int(down.qtype), AG=acc_groups(down.qtype, dn["BK"]), EMULATE=interpreting(), **dn,
     )  # fmt: skip
 

@@ -268,7 +268,7 @@ def _gate_up_kernel(
         _round_h(hbuf, hq, hs, slot, r0, F, NW)
 
 
-def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict, ho=None) -> None:
+def gate_up_launch(xo, ids, wts, gate, up, tabs, h, clamp, cfg: dict, ho=None) -> None:
     """h [slots, n_ff] as moe.gate_up_launch computes it; `cfg` (NB, PF, num_warps[, maxnreg,
     PDL]) must `fit` the experts, xo the 4-byte-interleaved operands moe.operands makes. With
     `ho` (int8 [slots, n_ff], scales [slots, n_ff / 32]; NB * num_warps = 32) also h's rounding
@@ -278,9 +278,9 @@ def gate_up_launch(xo, ids32, wts, gate, up, tabs, h, clamp, cfg: dict, ho=None)
     if ho is not None and nb * nw != 32:
         raise ValueError(f"gate/up kernel: rounding h needs 32-row CTAs, got {cfg}")
     hq, hs = ho if ho is not None else (h, h)
-    _gate_up_kernel[(ids32.numel(), n_ff // (nb * nw))](
-        xo[0], xo[1], ids32, wts, gate.data, up.data, tabs, h, hq, hs, n_ff, dim,
-        gate.data.shape[-1], float(clamp), KTOP=ids32.shape[1], G=dim // 32, NB=nb,
+    _gate_up_kernel[(ids.numel(), n_ff // (nb * nw))](
+        xo[0], xo[1], ids, wts, gate.data, up.data, tabs, h, hq, hs, n_ff, dim,
+        gate.data.shape[-1], float(clamp), KTOP=ids.shape[1], G=dim // 32, NB=nb,
         PF=cfg.get("PF", 1), NW=nw,
         HQ=int(ho is not None), PDL=pdl, num_warps=nw, maxnreg=cfg.get("maxnreg"),
         launch_pdl=bool(pdl),
