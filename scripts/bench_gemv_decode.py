@@ -230,9 +230,11 @@ def bench_pairs(copy_bw: float, grid) -> list[dict]:
         print(f"{name:24s} {nbytes / 1e6:5.1f} MB | two GEMVs {two:5.1f} us {pct(two):5.1f}%",
               flush=True)  # fmt: skip
         base = pair_config(qa, na, qb, nb, k, pdl=True)
+        nw = base["num_warps"]
+        step_a, step_b = base["BK_A"] // nw, base["BK_B"] // nw  # K per warp
         variants = [base, dict(base, PDL=0)] + [
-            dict(base, num_warps=w, BK_A=min(k, base["BK_A"] * w), BK_B=min(k, base["BK_B"] * w))
-            for w in (2, 4)
+            dict(base, num_warps=w, BK_A=min(k, step_a * w), BK_B=min(k, step_b * w))
+            for w in (1, 2, 4) if w != nw
         ] + [dict(base, R_A=2 * base["R_A"], R_B=2 * base["R_B"])]  # fmt: skip
         swapped = dict(base, R_A=base["R_B"], BK_A=base["BK_B"], R_B=base["R_A"], BK_B=base["BK_A"])
         variants = [(cfg, False) for cfg in variants] + [(swapped, True)]

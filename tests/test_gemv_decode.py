@@ -186,3 +186,28 @@ def test_gpu_tilings_fit_engine_shapes(monkeypatch, qtype):
         cfg = decode_config(qtype, n, k, n // groups)
         assert (n // groups) % cfg["R"] == 0 and k % cfg["BK"] == 0 and cfg["BK"] % 256 == 0
         assert 1 <= cfg["num_warps"] <= 8 and n // cfg["R"] * cfg["num_warps"] >= min(2048, n)
+
+
+ENGINE_PAIRS = [  # (A type, rows), (B type, rows), K: the engine's two-format decode launches
+    ((GQ.Q8_0, 1536), (GQ.F16, 2624), 4096),  # attention input, ratio-4 layers
+    ((GQ.Q8_0, 1536), (GQ.F16, 1024), 4096),  # attention input, ratio-128 layers
+    ((GQ.F16, 256), (GQ.Q8_0, 4096), 4096),  # ffn input: router, shared gate + up
+    ((GQ.F16, 8192), (GQ.Q8_0, 32768), 1024),  # attn_q_b with indexer q_b
+]
+
+
+def test_gpu_pair_tilings_fit_engine_pairs(monkeypatch):
+    # 4-warp programs (4x the K step) exactly where both sides take one row per program
+    monkeypatch.setattr(gemv_mod, "interpreting", lambda: False)
+    for (qa, na), (qb, nb), k in ENGINE_PAIRS:
+        cfg = gemv_mod.pair_config(qa, na, qb, nb, k, pdl=True)
+        for n, r, b in ((na, "R_A", "BK_A"), (nb, "R_B", "BK_B")):
+            assert n % cfg[r] == 0 and k % cfg[b] == 0 and cfg[b] % 256 == 0
+        one_row = cfg["R_A"] == cfg["R_B"] == 1
+        assert cfg["num_warps"] == (4 if one_row else 1) and cfg["PDL"] == 1
+    assert [gemv_mod.pair_config(*a, *b, k)["num_warps"] for a, b, k in ENGINE_PAIRS] == [
+        4,
+        4,
+        4,
+        1,
+    ]

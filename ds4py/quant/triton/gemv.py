@@ -353,16 +353,19 @@ def gemv(x: torch.Tensor, w: QTensor, tabs: torch.Tensor, cfg: dict | None = Non
 
 
 def pair_config(qa: GQ, na: int, qb: GQ, nb: int, k: int, pdl: bool = False) -> dict:
-    """`gemv_pair`'s tiling: one-warp programs, each side's rows per program as
-    `_rows_config` picks them (several for short rows), K steps of 1024 Q8_0 / 256 F16-BF16
-    values (H200, scripts/bench_gemv_decode.py --pairs: 2-4 warps within 0.1-0.4 us)."""
+    """`gemv_pair`'s tiling: each side's rows per program as `_rows_config` picks them
+    (several for short rows), K steps of 1024 Q8_0 / 256 F16-BF16 values per warp; 4-warp
+    programs where both sides take one row (scripts/bench_gemv_decode.py --pairs: the ffn
+    input 9.70 -> 9.02 us on an H100, the H200 within 0.3 us either way), else one warp (4
+    warps lost 2.6-3.2 us on attn_q_b + indexer q_b, 4 rows per program)."""
     if interpreting():
         return dict(R_A=1, BK_A=_pow2_divisor(k, 4096), R_B=1, BK_B=_pow2_divisor(k, 4096),
                     num_warps=1, PDL=0)  # fmt: skip
     step = {GQ.Q8_0: 1024, GQ.F16: 256, GQ.BF16: 256}
     ra, rb = (_rows_config(q, n, k, n, False)["R"] for q, n in ((qa, na), (qb, nb)))
-    return dict(R_A=ra, BK_A=_pow2_divisor(k, step[qa]), R_B=rb, BK_B=_pow2_divisor(k, step[qb]),
-                num_warps=1, PDL=int(pdl))  # fmt: skip
+    nw = 4 if ra == rb == 1 else 1
+    return dict(R_A=ra, BK_A=_pow2_divisor(k, step[qa] * nw), R_B=rb,
+                BK_B=_pow2_divisor(k, step[qb] * nw), num_warps=nw, PDL=int(pdl))  # fmt: skip
 
 
 def gemv_pair(x: torch.Tensor, wa: QTensor, wb: QTensor, tabs: torch.Tensor | None = None,
