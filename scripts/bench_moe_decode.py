@@ -36,11 +36,13 @@ from gguf import GGMLQuantizationType as GQ  # noqa: E402
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import QTensor  # noqa: E402
 from ds4py.quant.triton import moe_decode_hopper  # noqa: E402
+from ds4py.quant.triton.gemv import gemv  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
     gate_up_launch,
     moe_decode,
     moe_decode_config,
+    moe_decode_shared,
     operands,
 )
 from ds4py.quant.triton.tiles import tables  # noqa: E402
@@ -199,6 +201,30 @@ def bench_format(label, gate_t, down_t, gate_up_cfgs, down_cfgs, copy_bw, tabs):
         calls = [lambda s=s, c=cfg: moe_decode(x, s, wts, gate, up, down, CLAMP, tabs, c)
                  for s in sets]  # fmt: skip
         _timed(name, run, lambda o: rel_err(o, want), calls, gu_mb + dn_mb, copy_bw)
+    _bench_shared(x, sets, wts, gate, up, down, tabs, gu_mb + dn_mb, copy_bw)
+
+
+def _bench_shared(x, sets, wts, gate, up, down, tabs, routed_bytes, copy_bw):
+    """The engine's call plus the shared expert's Q8_0 down projection [4096, 2048]: as its own
+    GEMV after the routed call, and as extra programs of the routed down launch."""
+    ws = [weight(GQ.Q8_0, (DIM, N_FF), 40 + i) for i in range(8)]  # 71 MB: past L2 in turn
+    h = torch.randn(1, N_FF, device=DEV)
+    nbytes = routed_bytes + ws[0].nbytes
+    print(f"with the shared expert's down projection ({nbytes / 1e6:.1f} MB; err: the shared "
+          "part vs its own gemv)", flush=True)  # fmt: skip
+    want = gemv(h, ws[0], tabs)
+
+    def apart(s, w):
+        return moe_decode(x, s, wts, gate, up, down, CLAMP, tabs), gemv(h, w, tabs)
+
+    def joined(s, w):
+        return moe_decode_shared(x, s, wts, gate, up, down, CLAMP, tabs, h, w)
+
+    pairs = [(s, ws[i % len(ws)]) for i, s in enumerate(sets)]
+    for name, fn in (("routed call, then its own GEMV", apart), ("in the down launch", joined)):
+        calls = [lambda s=s, w=w, fn=fn: fn(s, w) for s, w in pairs]
+        _timed(name, lambda fn=fn: fn(sets[0], ws[0])[1], lambda o: rel_err(o, want), calls,
+               nbytes, copy_bw)  # fmt: skip
 
 
 def _unique(cfgs: list[dict]) -> list[dict]:

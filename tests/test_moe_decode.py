@@ -20,13 +20,16 @@ CUDA = torch.cuda.is_available()
 
 from ds4py.quant import ref  # noqa: E402
 from ds4py.quant.formats import random_qtensor  # noqa: E402
+from ds4py.quant.triton import moe as moe_mod  # noqa: E402
 from ds4py.quant.triton import moe_decode_hopper, tiles  # noqa: E402
 from ds4py.quant.triton.act import quantize_act  # noqa: E402
+from ds4py.quant.triton.gemv import gemv  # noqa: E402
 from ds4py.quant.triton.moe import (  # noqa: E402
     down_launch,
     gate_up_launch,
     moe_decode,
     moe_decode_config,
+    moe_decode_shared,
     moe_ref,
     operands,
 )
@@ -181,6 +184,32 @@ def test_moe_decode_default_kernels_match_reference(gate_t, down_t):
     assert _rel(got, _down_ref(h, ids, down)) < 1e-4  # h' may round differently at ties
     assert _rel(got, moe_ref(x, ids, wts, gate, up, down, CLAMP)) < 3e-2
     assert torch.equal(moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID), got)
+
+
+@pytest.mark.parametrize("gate_t,down_t", [(GQ.IQ2_XXS, GQ.Q2_K), (GQ.Q4_K, GQ.Q4_K)])
+def test_moe_decode_shared_adds_the_shared_down_to_the_down_launch(gate_t, down_t, monkeypatch):
+    # one token: the shared expert's Q8_0 down projection runs as extra programs of the routed
+    # down launch, with gemv's rows and rounding: both results as the two separate calls give
+    n_ff, dim, n_sh = 256, 512, 256
+    gate, up = _weight(gate_t, (4, n_ff, dim), 1), _weight(gate_t, (4, n_ff, dim), 2)
+    down = _weight(down_t, (4, dim, n_ff), 3)
+    w = _weight(GQ.Q8_0, (dim, n_sh), 4)
+    gen = torch.Generator().manual_seed(5)
+    x, h = torch.randn(1, dim, generator=gen).to(DEV), torch.randn(1, n_sh, generator=gen).to(DEV)
+    ids, wts = _routing(1, 4, 2, seed=6)
+    launches = []
+    monkeypatch.setattr(moe_mod, "gemv", lambda *a, **kw: launches.append(a) or gemv(*a, **kw))
+    routed, shared = moe_decode_shared(x, ids, wts, gate, up, down, CLAMP, GRID, h, w)
+    assert not launches  # no launch of its own
+    assert torch.equal(routed, moe_decode(x, ids, wts, gate, up, down, CLAMP, GRID))
+    assert torch.equal(shared, gemv(h, w, GRID))
+    assert _rel(shared, ref.linear(h, w)) < 3e-2
+    # two tokens: the shared projection as its own gemv, the same results
+    x2, h2 = torch.cat([x, x.flip(1)]), torch.cat([h, -h])
+    ids2, wts2 = _routing(2, 4, 2, seed=7)
+    routed2, shared2 = moe_decode_shared(x2, ids2, wts2, gate, up, down, CLAMP, GRID, h2, w)
+    assert len(launches) == 1 and torch.equal(shared2, gemv(h2, w, GRID))
+    assert torch.equal(routed2, moe_decode(x2, ids2, wts2, gate, up, down, CLAMP, GRID))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")

@@ -393,16 +393,18 @@ class Block:
             ids, w = self.ops.route(
                 logits, self.exp_probs_b, s.n_expert_used, s.expert_weights_scale
             )
-        routed = self.ops.moe(
-            x, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps, s.swiglu_clamp
-        )
-        return routed + self.shared_expert(g, v)
+        # the shared expert's down projection with the routed experts (one launch on CUDA)
+        routed, shared = self.ops.moe_shared(
+            x, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps, s.swiglu_clamp,
+            self.shared_hidden(g, v), self.ffn_down_shexp,
+        )  # fmt: skip
+        return routed + shared
 
-    def shared_expert(self, g: Tensor, v: Tensor) -> Tensor:
-        """The shared expert from its gate and up products (computed with the router's)."""
+    def shared_hidden(self, g: Tensor, v: Tensor) -> Tensor:
+        """The shared expert's SwiGLU from its gate and up products (computed with the
+        router's); its down projection is ffn_down_shexp."""
         c = self.shape.swiglu_clamp
-        g, v = g.clamp(max=c), v.clamp(-c, c)
-        return self.ops.linear(F.silu(g) * v, self.ffn_down_shexp)
+        return F.silu(g.clamp(max=c)) * v.clamp(-c, c)
 
 
 # ---- The whole model ----

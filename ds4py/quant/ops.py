@@ -69,6 +69,13 @@ class Ops:
         """Routed experts: x [T, D], ids/weights [T, k]; gate/up (E, F, D), down (E, D, F)."""
         return ref.moe(x, ids, weights, gate, up, down, clamp)
 
+    def moe_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QTensor,
+                   up: QTensor, down: QTensor, clamp: float, h: torch.Tensor,
+                   w: QTensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(`moe(...)`, `linear(h, w)`): the routed experts and the shared expert's down
+        projection, which a backend may run in the routed down launch."""
+        return self.moe(x, ids, weights, gate, up, down, clamp), self.linear(h, w)
+
     def hc_pre(self, X, fn: QTensor, scale, base, norm_eps: float, hc_eps: float, iters: int):
         """mHC pre of streams X [T, hc, D] with mixing weight fn ((2+hc)*hc, hc*D): (u, post,
         comb). The projection runs on the raw streams; their RMS scales its outputs."""

@@ -17,7 +17,7 @@ from ds4py.quant.triton.gemm import gemm
 from ds4py.quant.triton.gemv import MAX_TOKENS, WIDE, gemv, gemv_pair
 from ds4py.quant.triton.hc import MAX_TOKENS as HC_MAX_TOKENS
 from ds4py.quant.triton.hc import hc_pre, hc_pre_fused
-from ds4py.quant.triton.moe import moe_decode
+from ds4py.quant.triton.moe import moe_decode, moe_decode_shared
 from ds4py.quant.triton.moe_prefill import moe_prefill
 from ds4py.quant.triton.route import route
 from ds4py.quant.triton.tiles import kernel_ok, prepared, tables
@@ -131,6 +131,12 @@ class TritonOps(Ops):
         if x.shape[0] <= MAX_TOKENS:
             return moe_decode(x, ids, weights, gate, up, down, clamp, self.tabs)
         return moe_prefill(x, ids, weights, gate, up, down, clamp, self.tabs)
+
+    @torch.compiler.disable  # launched as written, also inside fused regions
+    def moe_shared(self, x, ids, weights, gate, up, down, clamp, h, w):
+        if x.shape[0] != 1 or not all(kernel_ok(v) for v in (gate, up, down, w)):
+            return super().moe_shared(x, ids, weights, gate, up, down, clamp, h, w)
+        return moe_decode_shared(x, ids, weights, gate, up, down, clamp, self.tabs, h, w)
 
     @torch.compiler.disable  # launched as written, also inside fused regions
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -146,10 +146,10 @@ def _half_block(xt, w, row_off, K, DT: tl.constexpr, R: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _rows(pid, x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT: tl.constexpr, R: tl.constexpr,
+def rows_block(pid, x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT: tl.constexpr, R: tl.constexpr,
           BK: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
           EMULATE: tl.constexpr):  # fmt: skip
-    """Row block `pid` of `_rows_kernel`."""
+    """Row block `pid` of `_rows_kernel` (also run by the routed-MoE down kernel)."""
     rows = pid * R + tl.arange(0, R)
     row_off = rows.to(tl.int64) * RB
     grp = (pid * R) // RPG  # input group of this row block
@@ -178,8 +178,8 @@ def _rows_kernel(
     # its (constant) weights before waiting for the kernel that wrote x.
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    _rows(tl.program_id(0), x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT, R, BK, PIPE, PDL,
-          EMULATE)  # fmt: skip
+    rows_block(tl.program_id(0), x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT, R, BK, PIPE,
+               PDL, EMULATE)  # fmt: skip
 
 
 @triton.jit
@@ -195,11 +195,11 @@ def _rows_pair_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < PA:
-        _rows(pid, x, xq, xb, xd, wa, outa, NA, K, RBA, NA, K, T, FMT_A, R_A, BK_A, PIPE_A, PDL,
-              EMULATE)  # fmt: skip
+        rows_block(pid, x, xq, xb, xd, wa, outa, NA, K, RBA, NA, K, T, FMT_A, R_A, BK_A, PIPE_A,
+                   PDL, EMULATE)  # fmt: skip
     else:
-        _rows(pid - PA, x, xq, xb, xd, wb, outb, NB, K, RBB, NB, K, T, FMT_B, R_B, BK_B, PIPE_B,
-              PDL, EMULATE)  # fmt: skip
+        rows_block(pid - PA, x, xq, xb, xd, wb, outb, NB, K, RBB, NB, K, T, FMT_B, R_B, BK_B,
+                   PIPE_B, PDL, EMULATE)  # fmt: skip
 
 
 def _pow2_divisor(n: int, cap: int) -> int:

@@ -21,7 +21,15 @@ from gguf import GGMLQuantizationType as GQ
 from ds4py.quant import ref
 from ds4py.quant.formats import QTensor
 from ds4py.quant.triton import moe_decode_hopper
-from ds4py.quant.triton.gemv import act_operands, gemv_config, pdl_ok
+from ds4py.quant.triton.act import quantize16
+from ds4py.quant.triton.gemv import (
+    act_operands,
+    decode_config,
+    gemv,
+    gemv_config,
+    pdl_ok,
+    rows_block,
+)
 from ds4py.quant.triton.rowdot import acc_groups, accumulate
 from ds4py.quant.triton.tiles import (
     INT8_PATH,
@@ -468,9 +476,10 @@ def _down_acts(hq, hs, t, c, C0: tl.constexpr, F: tl.constexpr, KTOP: tl.constex
 
 @triton.jit
 def _moe_down_kq_kernel(
-    hq, hs, ids, down, out, D, RB,
+    hq, hs, ids, down, out, D, RB, sq, sb, sd, sw, sout, SN, SRB,
     F: tl.constexpr, KTOP: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
-    FMT: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
+    FMT: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr, SR: tl.constexpr,
+    SK: tl.constexpr, SBK: tl.constexpr, SPIPE: tl.constexpr,
 ):  # fmt: skip
     """Q2_K / Q4_K down rows for one token: the slots in chunks of KC (a power of two; past
     KTOP masked), tensors [R / G, KC, 32, .] with a chunk's slots along dim 1 (in registers or
@@ -479,9 +488,26 @@ def _moe_down_kq_kernel(
     ~70); lane l holds 128-weight unit l % U of row G * i + l // U (G = 32 / U), so activations
     ([1, KC, 32, .]) and weights share a layout. Chunks add in order, each summed by a
     reduction of fixed order (deterministic). PDL: the first chunk's weights are fetched
-    before waiting for the kernel that wrote h."""
+    before waiting for the kernel that wrote h. With SR > 0 the programs past D / R are
+    gemv's `rows_block` over the Q8_0 matrix sw [SN, SK] (the shared expert's down projection, its
+    input rounded in sq, sb, sd) into sout: one launch for both."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if SR == 0:
+        _down_kq_rows(hq, hs, ids, down, out, D, RB, F, KTOP, KC, R, U, FMT, PDL, EMULATE)
+    elif tl.program_id(1) < D // R:
+        _down_kq_rows(hq, hs, ids, down, out, D, RB, F, KTOP, KC, R, U, FMT, PDL, EMULATE)
+    else:
+        rows_block(tl.program_id(1) - D // R, sq, sq, sb, sd, sw, sout, SN, SK, SRB, SN, SK, 1,
+                   8, SR, SBK, SPIPE, PDL, EMULATE)  # fmt: skip
+
+
+@triton.jit
+def _down_kq_rows(
+    hq, hs, ids, down, out, D, RB,
+    F: tl.constexpr, KTOP: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
+    FMT: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
     G: tl.constexpr = 32 // U
     t = tl.program_id(0)
     lane = tl.arange(0, 32)[None, None, :, None]
@@ -562,6 +588,19 @@ def moe_decode(
     """Two launches (plus activation quantization for int8 formats); suited to a few tokens.
 
     `cfg` {"gate_up": gemv-style tile, "down": ...} overrides the tiling (benchmarks)."""
+    return _moe_decode(x, ids, weights, gate, up, down, clamp, tabs, cfg)[0]
+
+
+def moe_decode_shared(x, ids, weights, gate, up, down, clamp, tabs, h: torch.Tensor, w: QTensor,
+                      cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(moe_decode(...), gemv(h, w)): the routed experts and the shared expert's down
+    projection (h [1, K] float32, w Q8_0 [N, K]); for one token with the Q2_K / Q4_K down
+    kernel, w's row blocks run as extra programs of the routed down launch (one launch fewer,
+    its bytes read while the routed down waits on its own), otherwise as gemv does."""
+    return _moe_decode(x, ids, weights, gate, up, down, clamp, tabs, cfg, (h, w))
+
+
+def _moe_decode(x, ids, weights, gate, up, down, clamp, tabs, cfg, shared=None):
     _check(x, ids, weights, gate, up, down)
     gate, up, down = prepared(gate), prepared(up), prepared(down)
     n_tok, k = ids.shape
@@ -583,11 +622,37 @@ def moe_decode(
         hq = torch.empty(n_tok * k, n_ff, dtype=torch.int8, device=x.device)
         hs = torch.empty(n_tok * k, n_ff // 32, dtype=torch.float32, device=x.device)
         ho = (hq, hs)
+    so = _shared_operands(shared, n_tok, dn)  # rounded before x: the chain stays whole
     gate_up_launch(x, operands(x, gate.qtype, gu), ids, wts, gate, up, tabs, h, clamp, gu, ho)
     out = torch.empty(n_tok, dim, dtype=torch.float32, device=x.device)
     ho = (ho[0].view(torch.int32), ho[1]) if ho else operands(h, down.qtype, dn, False)
-    down_launch(h, ho, ids, down, tabs, out, dn)
-    return out
+    down_launch(h, ho, ids, down, tabs, out, dn, so)
+    if so is not None:
+        return out, so["out"]
+    return out, (None if shared is None else gemv(shared[0], shared[1], tabs))
+
+
+def _shared_operands(shared, n_tok: int, dn: dict) -> dict | None:
+    """The shared down projection's part of the routed down launch (its input rounded as gemv
+    rounds it, its `rows_block` tiling), or None where it runs as its own gemv: several tokens, the
+    generic down kernel, another format, or a tiling of more warps than the down programs."""
+    if shared is None or n_tok != 1 or "R" not in dn:
+        return None
+    h, w = shared[0].contiguous(), prepared(shared[1])
+    (n, k), pdl = w.shape, bool(dn.get("PDL"))
+    if w.qtype != GQ.Q8_0 or h.shape != (1, k) or h.dtype != torch.float32:
+        return None
+    c = decode_config(w.qtype, n, k, n, 1, pdl=pdl)
+    if "R" not in c or c["num_warps"] != dn["num_warps"] or k % c["BK"] or n % c["R"]:
+        return None
+    xq, xb, xd = quantize16(h, pdl=pdl)
+    out = torch.empty(1, n, dtype=torch.float32, device=h.device)
+    return dict(
+        args=(xq, xb, xd, w.data, out, n, w.data.shape[-1]),
+        out=out,
+        opts=dict(SR=c["R"], SK=k, SBK=c["BK"], SPIPE=c.get("PIPE", 0)),
+        blocks=n // c["R"],
+    )
 
 
 def operands(x: torch.Tensor, qtype: GQ, cfg: dict, gate_up: bool = True) -> tuple:
@@ -635,17 +700,21 @@ def gate_up_launch(x, xo, ids, wts, gate, up, tabs, h, clamp, gu, ho=None) -> No
         )  # fmt: skip
 
 
-def down_launch(h, ho, ids, down, tabs, out, dn) -> None:
+def down_launch(h, ho, ids, down, tabs, out, dn, so=None) -> None:
     """Launch 2 of moe_decode: out [T, dim] from h and its int8 operands ho.
 
     dn: (R, num_warps, KC slots per chunk) the Q2_K/Q4_K kernel, else (BN, BK, num_warps) the
-    generic one."""
+    generic one. so: `_shared_operands`, the shared down projection's programs (Q2_K/Q4_K
+    kernel, one token)."""
     (n_tok, k), (_, dim, n_ff) = ids.shape, down.shape
     if "R" in dn:
-        _moe_down_kq_kernel[(n_tok, dim // dn["R"])](
-            ho[0], ho[1], ids, down.data, out, dim, down.data.shape[-1], F=n_ff, KTOP=k,
-            U=n_ff // 128, FMT=int(down.qtype), EMULATE=interpreting(),
-            launch_pdl=bool(dn.get("PDL")), **{"KC": triton.next_power_of_2(k), "PDL": 0, **dn},
+        sargs = so["args"] if so else (out,) * 5 + (0, 0)
+        sopts = so["opts"] if so else dict(SR=0, SK=0, SBK=0, SPIPE=0)
+        _moe_down_kq_kernel[(n_tok, dim // dn["R"] + (so["blocks"] if so else 0))](
+            ho[0], ho[1], ids, down.data, out, dim, down.data.shape[-1], *sargs, F=n_ff,
+            KTOP=k, U=n_ff // 128, FMT=int(down.qtype), EMULATE=interpreting(),
+            launch_pdl=bool(dn.get("PDL")), **sopts,
+            **{"KC": triton.next_power_of_2(k), "PDL": 0, **dn},
         )  # fmt: skip
         return
     _moe_down_kernel[(n_tok, dim // dn["BN"])](
