@@ -80,10 +80,10 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
                lambda c=cfg, o=order, t=tiles: new.grouped(xh, o, w1, t, gate, up, down, K, CLAMP,
                                                            tabs, c))  # fmt: skip
     if hopper.supported(gate, up, down):
-        for bm in (64, 128):
-            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), BM=bm)
+        for bm, nw in ((64, 4), (128, 4), (64, 8)):
+            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), BM=bm, NW=nw)
             order, tiles = new.expert_tiles(ids, N_EXP, bm)
-            record(f"hopper (gluon) BM {bm}",
+            record(f"hopper (gluon) BM {bm}" + (f", {nw} warps" if nw != 4 else ""),
                    lambda c=cfg: new.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs, c),
                    lambda c=cfg, o=order, t=tiles: hopper.grouped(xh, o, w1, t, gate, up, down, K,
                                                                   CLAMP, tabs, c))  # fmt: skip

@@ -514,7 +514,8 @@ def grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.
     (token, slot) order."""
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles = order.numel(), tiles.shape[0]
-    bm, nw = cfg["BM"], 4  # one warpgroup per program (8 warps measured slower)
+    # one warpgroup per program (q2: 8 warps measured slower; cfg "NW" for the benchmark)
+    bm, nw = cfg["BM"], cfg.get("NW", 4)
     xp = x_kappa(x, gate.qtype)
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=x.device)
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
