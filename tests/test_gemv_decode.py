@@ -205,9 +205,5 @@ def test_gpu_pair_tilings_fit_engine_pairs(monkeypatch):
             assert n % cfg[r] == 0 and k % cfg[b] == 0 and cfg[b] % 256 == 0
         one_row = cfg["R_A"] == cfg["R_B"] == 1
         assert cfg["num_warps"] == (4 if one_row else 1) and cfg["PDL"] == 1
-    assert [gemv_mod.pair_config(*a, *b, k)["num_warps"] for a, b, k in ENGINE_PAIRS] == [
-        4,
-        4,
-        4,
-        1,
-    ]
+    warps = [gemv_mod.pair_config(*a, *b, k)["num_warps"] for a, b, k in ENGINE_PAIRS]
+    assert warps == [4, 4, 4, 1]

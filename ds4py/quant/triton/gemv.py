@@ -146,9 +146,9 @@ def _half_block(xt, w, row_off, K, DT: tl.constexpr, R: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def rows_block(pid, x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT: tl.constexpr, R: tl.constexpr,
-          BK: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
-          EMULATE: tl.constexpr):  # fmt: skip
+def rows_block(pid, x, xq, xb, xd, w, out, N, K, RB, RPG, XR, T, FMT: tl.constexpr,
+               R: tl.constexpr, BK: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
+               EMULATE: tl.constexpr):  # fmt: skip
     """Row block `pid` of `_rows_kernel` (also run by the routed-MoE down kernel)."""
     rows = pid * R + tl.arange(0, R)
     row_off = rows.to(tl.int64) * RB

@@ -489,8 +489,8 @@ def _moe_down_kq_kernel(
     ([1, KC, 32, .]) and weights share a layout. Chunks add in order, each summed by a
     reduction of fixed order (deterministic). PDL: the first chunk's weights are fetched
     before waiting for the kernel that wrote h. With SR > 0 the programs past D / R are
-    gemv's `rows_block` over the Q8_0 matrix sw [SN, SK] (the shared expert's down projection, its
-    input rounded in sq, sb, sd) into sout: one launch for both."""
+    gemv's `rows_block` over the Q8_0 matrix sw [SN, SK] (the shared expert's down
+    projection, its input rounded in sq, sb, sd) into sout: one launch for both."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if SR == 0:
@@ -634,8 +634,8 @@ def _moe_decode(x, ids, weights, gate, up, down, clamp, tabs, cfg, shared=None):
 
 def _shared_operands(shared, n_tok: int, dn: dict) -> dict | None:
     """The shared down projection's part of the routed down launch (its input rounded as gemv
-    rounds it, its `rows_block` tiling), or None where it runs as its own gemv: several tokens, the
-    generic down kernel, another format, or a tiling of more warps than the down programs."""
+    rounds it, gemv's `rows_block` tiling), or None where it runs as its own gemv: several
+    tokens, the generic down kernel, another format, or more warps than the down programs."""
     if shared is None or n_tok != 1 or "R" not in dn:
         return None
     h, w = shared[0].contiguous(), prepared(shared[1])
