@@ -2,13 +2,15 @@
 """Offline sm_90 compile of the decode kernels: registers, SASS opcodes, layout conversions.
 
 Owns: compiling the engine's decode kernels (the tilings the engine picks on Hopper, with
-programmatic dependent launch) for sm_90 without a GPU, and printing per kernel its registers,
-its static SASS instruction count, the most frequent opcodes and the number of layout
-conversions in its Triton IR (`ttg.convert_layout`; SEL / SHFL / shared-memory round trips in
-the SASS are what the costly ones become); iq2g is the Gluon IQ2_XXS kernel of sm_90. The
-method behind docs/PERFORMANCE.md's "loads in group pairs" section; static counts, not timings.
+programmatic dependent launch) and its Gluon prefill expert kernels for sm_90 without a GPU,
+and printing per kernel its registers (and stack, where it spills), its static SASS instruction
+count, the most frequent opcodes and the number of layout conversions in its Triton IR
+(`ttg.convert_layout`; SEL / SHFL / shared-memory round trips in the SASS are what the costly
+ones become); iq2g is the Gluon IQ2_XXS decode kernel of sm_90. The method behind
+docs/PERFORMANCE.md's "loads in group pairs" section; static counts, not timings.
 Does not own: the kernels (ds4py/quant/triton), timings (bench_*.py on the device).
-Usage: python scripts/audit_sass.py [iq2 iq2g q2down q4down q4gu q8rows ...] [--dump DIR]
+Usage: python scripts/audit_sass.py [iq2 iq2g q2down q4down q4gu q8rows p2gu p4down ...]
+[--dump DIR] [--bm 64|128 --pf N --cap N]
 (needs only torch, triton and gguf; --dump writes each kernel's TTGIR and SASS to DIR). The
 counts depend on the Triton version: the device's is 3.6 (docs/PERFORMANCE.md); conversions
 that only reorder a thread's registers count in the IR and cost nothing.
@@ -30,20 +32,21 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ds4py.quant.triton import gemv, moe, moe_decode_hopper  # noqa: E402
+from ds4py.quant.triton import gemv, moe, moe_decode_hopper, moe_hopper  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 N_FF, DIM, KTOP = 2048, 4096, 6
 # the pointer and size arguments the kernels' launches pass 16-byte aligned / multiples of 16
 ALIGNED = {"x", "xq", "xs", "xb", "xd", "hq", "hs", "ids", "wts", "gate", "up", "down", "tabs",
-           "h", "w", "out", "F", "D", "RB", "N", "K", "RPG", "XR", "up_off"}  # fmt: skip
+           "h", "w", "out", "F", "D", "RB", "N", "K", "RPG", "XR", "up_off", "xp", "hp", "order",
+           "tiles", "y"}  # fmt: skip
 
 
 def _moe_cfg(gate_t: GQ, down_t: GQ) -> dict:
     return moe.moe_decode_config(1, KTOP, N_FF, DIM, qtype=gate_t, down_qtype=down_t, pdl=True)
 
 
-def _kernels() -> dict:
+def _kernels(bm: int, pf: int | None, cap: int | None) -> dict:
     """name -> (jit function, signature, constexprs, options) at the engine's q2/q4 shapes."""
     iq2 = _moe_cfg(GQ.IQ2_XXS, GQ.Q2_K)
     iq2g = moe.moe_decode_config(1, KTOP, N_FF, DIM, qtype=GQ.IQ2_XXS, down_qtype=GQ.Q2_K,
@@ -85,7 +88,36 @@ def _kernels() -> dict:
                  g4_opt),
         "q8rows": (gemv._rows_kernel, rows_sig,
                    dict(FMT=int(GQ.Q8_0), EMULATE=False, **{"PIPE": 0, **rows_c}), rows_opt),
+        **_prefill_kernels(bm, pf, cap),
     }  # fmt: skip
+
+
+def _prefill_kernels(bm: int, pf: int | None, cap: int | None) -> dict:
+    """The Gluon prefill expert kernels (moe_hopper.grouped): p2gu / p2down (IQ2_XXS gate/up,
+    Q2_K down), p4gu / p4down (Q4_K); w8 after the name: 8-warp programs. L2 prefetch
+    distance and register cap (0: none) as the engine launches them unless given."""
+    gu_sig = dict(xp="*fp16", order="*i32", wts="*fp32", tiles="*i32", gate="*u8", up="*u8",
+                  tabs="*i16", h="*fp16", RB="i32", clamp="fp32")  # fmt: skip
+    down_sig = dict(hp="*fp16", order="*i32", tiles="*i32", down="*u8", tabs="*i16", y="*fp32",
+                    RB="i32")  # fmt: skip
+    out = {}
+    for nw in (4, 8):
+        for tag, g, d in (("p2", GQ.IQ2_XXS, GQ.Q2_K), ("p4", GQ.Q4_K, GQ.Q4_K)):
+            suffix = "" if nw == 4 else "w8"
+            n_reg = (168 if bm == 64 else 0) if cap is None else cap
+            gu_opt = {"num_warps": nw, **({"maxnreg": n_reg} if n_reg else {})}
+            d_opt = dict(gu_opt)
+            dist = (1 if bm == 64 else 0) if pf is None else pf
+            out[f"{tag}gu{suffix}"] = (
+                moe_hopper._gate_up_kernel, gu_sig,
+                dict(F=N_FF, D=DIM, KTOP=KTOP, FMT=int(g), DFMT=int(d), BM=bm, NW=nw, A16=True,
+                     PF=dist),
+                gu_opt)  # fmt: skip
+            out[f"{tag}down{suffix}"] = (
+                moe_hopper._down_kernel, down_sig,
+                dict(F=N_FF, D=DIM, FMT=int(d), BM=bm, NW=nw, A16=True, PF=dist),
+                d_opt)  # fmt: skip
+    return out
 
 
 def _gluon_sig(gu_sig: dict) -> dict:
@@ -121,6 +153,9 @@ def audit(name: str, fn, sig: dict, consts: dict, opts: dict, dump: Path | None)
         if (m := re.match(r"\s*/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line))
     )
     regs = re.search(r"REG:(\d+)", res).group(1)
+    stack = re.search(r"STACK:(\d+)", res)
+    if stack and int(stack.group(1)):
+        regs += f" (+{stack.group(1)} B stack)"
     conv = k.asm["ttgir"].count("ttg.convert_layout")
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))
     tile = f"{consts['R']} rows" if "R" in consts else f"{consts.get('NB', '')} blocks"
@@ -132,8 +167,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="*", help="kernels (default: all)")
     ap.add_argument("--dump", type=Path, help="write each kernel's TTGIR and SASS here")
+    ap.add_argument("--bm", type=int, default=64, help="prefill kernels: token tile (64, 128)")
+    ap.add_argument("--pf", type=int, help="prefill kernels: L2 prefetch distance in blocks")
+    ap.add_argument("--cap", type=int, help="prefill kernels: register cap (0: none)")
     args = ap.parse_args()
-    kernels = _kernels()
+    kernels = _kernels(args.bm, args.pf, args.cap)
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, sm_90, engine tilings (PDL on)")

@@ -7,7 +7,7 @@ with 2048 tokens each. For each: moe_prefill.py's Triton float16 tiles over a ti
 moe_hopper.py's Gluon kernels, each checked against the f32 reference. Times: the whole call
 (sorting included) and the two grouped launches alone, median of CUDA events.
 TFLOP/s = 2 * tokens * 6 * 3 * 2048 * 4096 / time.
-Usage: python scripts/bench_moe_prefill.py [--out DIR] [--quick]
+Usage: python scripts/bench_moe_prefill.py [--out DIR] [--quick] [--cases q4_2048,...] [--once]
 """
 
 from __future__ import annotations
@@ -43,7 +43,25 @@ def sweep(quick: bool) -> list[dict]:
     return cands
 
 
-def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
+def hopper_variants(q4: bool) -> list[dict]:
+    """Gluon kernel settings to time (cfg keys of moe_hopper.grouped): the first is the
+    engine's at 2048 routed tokens; PF an L2 prefetch distance in blocks, maxnreg a register
+    cap for both kernels."""
+    out = [dict(BM=64), dict(BM=128), dict(BM=64, NW=8)]
+    if q4:  # PF 0, maxnreg none: the q4 kernels as launched before the L2 prefetch and cap
+        out += [dict(BM=64, PF=0), dict(BM=64, PF=0, maxnreg=0), dict(BM=64, PF=2)]
+    return out
+
+
+def _label(v: dict) -> str:
+    parts = [f"BM {v['BM']}"]
+    parts += [f"{v['NW']} warps"] if "NW" in v else []
+    parts += [f"L2 prefetch {v['PF']} blocks ahead"] if "PF" in v else []
+    parts += [f"maxnreg {v['maxnreg'] or 'none'}"] if "maxnreg" in v else []
+    return "hopper (gluon) " + ", ".join(parts)
+
+
+def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out, once=False):
     gate, up = (prepared(weight(gate_t, (N_EXP, N_FF, DIM), s)) for s in (1, 2))
     down = prepared(weight(down_t, (N_EXP, DIM, N_FF), 3))
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -73,6 +91,13 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
               flush=True)  # fmt: skip
 
     xh, w1 = x.half(), wts.reshape(-1).contiguous()
+    if once:  # each Gluon variant's two kernels once, for a profiler
+        for v in hopper_variants(gate_t == GQ.Q4_K):
+            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), **v)
+            order, tiles = new.expert_tiles(ids, N_EXP, v["BM"])
+            hopper.grouped(xh, order, w1, tiles, gate, up, down, K, CLAMP, tabs, cfg)
+        torch.cuda.synchronize()
+        return
     for cfg in sweep(quick):
         order, tiles = new.expert_tiles(ids, N_EXP, cfg["BM"])
         record(f"triton f16 tiles {cfg}",
@@ -80,10 +105,10 @@ def case(name, gate_t, down_t, n_tok, same6, tabs, quick, out):
                lambda c=cfg, o=order, t=tiles: new.grouped(xh, o, w1, t, gate, up, down, K, CLAMP,
                                                            tabs, c))  # fmt: skip
     if hopper.supported(gate, up, down):
-        for bm, nw in ((64, 4), (128, 4), (64, 8)):
-            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), BM=bm, NW=nw)
-            order, tiles = new.expert_tiles(ids, N_EXP, bm)
-            record(f"hopper (gluon) BM {bm}" + (f", {nw} warps" if nw != 4 else ""),
+        for v in hopper_variants(gate_t == GQ.Q4_K):
+            cfg = dict(new.moe_prefill_config(n_tok * K, N_EXP, N_FF, DIM), **v)
+            order, tiles = new.expert_tiles(ids, N_EXP, v["BM"])
+            record(_label(v),
                    lambda c=cfg: new.moe_prefill(x, ids, wts, gate, up, down, CLAMP, tabs, c),
                    lambda c=cfg, o=order, t=tiles: hopper.grouped(xh, o, w1, t, gate, up, down, K,
                                                                   CLAMP, tabs, c))  # fmt: skip
@@ -104,6 +129,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cases", default="q2_2048,q2_8192,q2_same6,q4_2048")
+    ap.add_argument("--once", action="store_true", help="each Gluon variant once (for ncu)")
     args = ap.parse_args()
     tabs = tables(DEV)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -116,7 +142,7 @@ def main() -> None:
     rows: list[dict] = []
     for key in args.cases.split(","):
         name, gt, dt, n, same6 = cases[key]
-        case(name, gt, dt, n, same6, tabs, args.quick, rows)
+        case(name, gt, dt, n, same6, tabs, args.quick, rows, args.once)
         torch.cuda.empty_cache()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ gate/up store, in the down format's order), so the sums are unchanged. Per 8 val
 permutes (IQ2_XXS: via the grid tables) or shifts, then per value pair one permute + one f16x2
 subtract + one f16x2 fma (scale, min).
 Pipelining: each matrix's MMA runs asynchronously while the other's next tile is decoded; a
-block's weight bytes are loaded one to two steps before its first decode and activation tiles
-arrive by cp.async three steps ahead (H200 measurements of each step: docs/PERFORMANCE.md).
+block's weight bytes are loaded one to two steps before its first decode (Q4_K: each half of
+them, to fit three programs per SM), at BM 64 after an L2 prefetch a block earlier, and
+activation tiles arrive by cp.async three steps ahead (H200 measurements: docs/PERFORMANCE.md).
 Does not own: routing, tile lists (moe_prefill.py), decode-time experts (moe.py).
 """
 
@@ -69,8 +70,8 @@ def _kappa_source(c, FMT: tl.constexpr):
         src = 64 * t + 32 * o0 + 8 * s + w
     elif FMT == 10:  # Q2_K: lane t's bytes 16t .. 16t + 15 hold 4 planes; step s reads plane s
         src = 128 * (t // 2) + 16 * (t % 2) + 32 * s + 8 * o0 + w
-    else:  # Q4_K: lane t's bytes 32t .. 32t + 31; step s reads half s % 2, nibble s // 2
-        src = 64 * t + 16 * s + 8 * o0 + w
+    else:  # Q4_K: lane t's bytes 32t .. 32t + 31; step s reads half s // 2, nibble s % 2
+        src = 64 * t + 32 * (s % 2) + 16 * (s // 2) + 8 * o0 + w
     return c - c % 256 + src
 
 
@@ -101,7 +102,7 @@ def _kappa(c, FMT: gl.constexpr):
     elif FMT == 10:
         t, o0, s = 2 * (r // 128) + (r // 16) % 2, (r // 8) % 2, (r // 32) % 4
     else:
-        t, o0, s = r // 64, (r // 8) % 2, (r // 16) % 4
+        t, o0, s = r // 64, (r // 8) % 2, 2 * ((r // 16) % 2) + (r // 32) % 2
     k = (w & 1) + 2 * t + 8 * ((w >> 1) & 1) + 16 * (w >> 2) + 32 * o0
     return c - r + 64 * s + k
 
@@ -183,8 +184,8 @@ def _smem_tables(tabs, NW: gl.constexpr):
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     tab32 = (tabs + 256).to(gl.pointer_type(gl.int32))
-    for r in gl.static_range(384 // (32 * NW)):
-        j = i + 32 * NW * r
+    for r in gl.static_range((384 + 32 * NW - 1) // (32 * NW)):
+        j = gl.minimum(i + 32 * NW * r, 383)  # 8 warps: the last word again, the same value
         word = gl.load(tab32 + j)
         gl.inline_asm_elementwise(
             "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [base + 4 * j, word],
@@ -267,7 +268,8 @@ def _load4(p, A16: gl.constexpr):
 
 
 @gluon.jit
-def _a_raw(w, row_off, K, b, FMT: gl.constexpr, quad_l: gl.constexpr, A16: gl.constexpr):
+def _a_raw(w, row_off, K, b, FMT: gl.constexpr, quad_l: gl.constexpr, A16: gl.constexpr,
+           LATE: gl.constexpr):  # fmt: skip
     """The bytes behind the A operands of the four MMA steps of 256-column block b (rows at
     byte offsets row_off [BN]), as loaded: each lane's 16 (Q4_K: 32) quant bytes of a row in
     one load (the old per-step 8-byte loads of 8 rows a warp kept the L1 data pipe 70-84 %
@@ -283,14 +285,41 @@ def _a_raw(w, row_off, K, b, FMT: gl.constexpr, quad_l: gl.constexpr, A16: gl.co
         sc = gl.load((base + K // 4 + 16 * b + 8 * (t // 2)).to(gl.pointer_type(gl.int64)))
         dm = gl.load((base + K // 4 + 16 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
         raw = (q, sc, dm)
-    else:  # Q4_K: nibbles; the 12 bytes of 6-bit scales and mins; d, dmin
-        q0 = _load4(base + 128 * b + 32 * t, A16)
-        q1 = _load4(base + 128 * b + 32 * t + 16, A16)
+    else:  # Q4_K: the first 16 nibble bytes; the 12 bytes of 6-bit scales and mins; d, dmin;
+        # the other 16 nibble bytes unless LATE (then `_q4_second_half` loads them)
+        q = _load4(base + 128 * b + 32 * t, A16)
+        q2 = q if LATE else _load4(base + 128 * b + 32 * t + 16, A16)
         sc = (base + K // 2 + 12 * b).to(gl.pointer_type(gl.int32))
         dm = gl.load((base + K // 2 + 12 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
-        q = (q0[0], q0[1], q0[2], q0[3], q1[0], q1[1], q1[2], q1[3])
-        raw = (q, (gl.load(sc), gl.load(sc + 1), gl.load(sc + 2)), dm)
+        raw = (q, (gl.load(sc), gl.load(sc + 1), gl.load(sc + 2)), dm, q2)
     return raw
+
+
+@gluon.jit
+def _q4_second_half(w, row_off, b, first, quad_l: gl.constexpr, A16: gl.constexpr,
+                    LATE: gl.constexpr):  # fmt: skip
+    """Q4_K: `first` (`_a_raw` of block b) for steps 2 and 3: the lane's other 16 nibble bytes,
+    loaded now if LATE (a block's two halves are then never live at once: at BM 64 the
+    kernels fit 168 registers, three programs per SM)."""
+    q2 = first[3]
+    if LATE:
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
+        base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+        q2 = _load4(base + 128 * b + 32 * t + 16, A16)
+    return (q2, first[1], first[2], q2)
+
+
+@gluon.jit
+def _prefetch_l2(w, row_off, b, FMT: gl.constexpr, quad_l: gl.constexpr):
+    """Ask L2 for the quant bytes of block b (each lane its own 16 / 32 of a row's block), so
+    that `_a_raw`'s loads of that block later find them there."""
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
+    base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+    p = base + (128 * b + 32 * t if FMT == 12 else 64 * b + 16 * t)
+    gl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=gl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -306,7 +335,7 @@ def _a_tile(raw, tab, mag, tabs, s: gl.constexpr, FMT: gl.constexpr, SMEM_TAB: g
     four bytes (bias + value) per word for the 8 values of each octet, then `_to_a` with the
     f16x2 scale and offset. IQ2_XXS selector words come from the shared copy at `tab`
     ([BN, 8], `_table_base`) if SMEM_TAB, else from `tabs` in global memory."""
-    q, sc, dm = raw
+    q, sc, dm = raw[0], raw[1], raw[2]
     t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
     if FMT == 16:
         a = _pair(q[0], q[2], pair_l)
@@ -335,13 +364,12 @@ def _a_tile(raw, tab, mag, tabs, s: gl.constexpr, FMT: gl.constexpr, SMEM_TAB: g
         c = (word >> (8 * (t % 2) + 16 * (s % 2))) & 255
         a2 = _octets(_f16x2(_f16_lo(dm) * (c & 15).to(gl.float32)), pair_l)
         b2 = _octets(_f16x2(-_f16_lo(dm >> 16) * (c >> 4).to(gl.float32)), pair_l)
-    else:
-        h: gl.constexpr = 4 * (s % 2)
-        lo = (_pair(q[h], q[h + 2], pair_l) >> (4 * (s // 2))) & 0x0F0F0F0F
-        hi = (_pair(q[h + 1], q[h + 3], pair_l) >> (4 * (s // 2))) & 0x0F0F0F0F
-        # 6-bit scale and min of sub-block j = 2t + s // 2: low bits in bytes j, j + 4 (j < 4),
+    else:  # q: the 16 bytes of half s // 2 (`_a_raw` or `_q4_second_half`)
+        lo = (_pair(q[0], q[2], pair_l) >> (4 * (s % 2))) & 0x0F0F0F0F
+        hi = (_pair(q[1], q[3], pair_l) >> (4 * (s % 2))) & 0x0F0F0F0F
+        # 6-bit scale and min of sub-block j = 2t + s % 2: low bits in bytes j, j + 4 (j < 4),
         # else in the nibbles of byte j + 4 with the top bits from bytes j - 4, j
-        sh = 8 * (2 * (t % 2) + s // 2)
+        sh = 8 * (2 * (t % 2) + s % 2)
         x0, x1, x2 = (sc[0] >> sh) & 255, (sc[1] >> sh) & 255, (sc[2] >> sh) & 255
         low = t < 2
         c = gl.where(low, x0 & 63, (x2 & 15) | ((x0 >> 6) << 4))
@@ -370,7 +398,8 @@ def _x_ready():
 
 @gluon.jit
 def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: gl.constexpr,
-                 BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr):  # fmt: skip
+                 BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr,
+                 PF: gl.constexpr):  # fmt: skip
     """Two weight blocks (rows at byte offsets off0 / off1 of w0 / w1) times the same
     activation tiles: each block's MMA runs while the other block's next tile is decoded.
     A 256-column block's weight bytes are loaded during its predecessor's last steps. The
@@ -395,8 +424,9 @@ def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: g
         _smem_tables(tabs, NW)
         tab = _table_base(tab)
         mag = _magnitudes(tab, pair_l)
-    r0 = _a_raw(w0, off0, K, 0, FMT, quad_l, A16)
-    r1 = _a_raw(w1, off1, K, 0, FMT, quad_l, A16)
+    LATE: gl.constexpr = BM == 64  # at BM 128 the kernels spill either way; earlier was faster
+    r0 = _a_raw(w0, off0, K, 0, FMT, quad_l, A16, LATE)
+    r1 = _a_raw(w1, off1, K, 0, FMT, quad_l, A16, LATE)
     _x_prefetch(x_smem, xrow, xvalid, 0, n_steps)
     _x_prefetch(x_smem, xrow, xvalid, 1, n_steps)
     _x_prefetch(x_smem, xrow, xvalid, 2, n_steps)
@@ -408,13 +438,24 @@ def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: g
             acc0 = warpgroup_mma(a0, xb, acc0, is_async=True)
             a1 = _a_tile(r1, tab, mag, tabs, s, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
             # the next block's bytes (past the end: the last again, decoded, never read), one
-            # and two steps before their first decode: three blocks' bytes live at most
+            # and two steps before their first decode: three blocks' bytes live at most; Q4_K
+            # loads the second half of a block's bytes after the first half's last decode
+            if FMT == 12 and s == 0:
+                p0 = _q4_second_half(w0, off0, b, r0, quad_l, A16, LATE)
+            if FMT == 12 and s == 1:
+                r1 = _q4_second_half(w1, off1, b, r1, quad_l, A16, LATE)
+            if PF > 0 and s == 0:
+                _prefetch_l2(w0, off0, gl.minimum(b + PF, last), FMT, quad_l)
+            if PF > 0 and s == 1:
+                _prefetch_l2(w1, off1, gl.minimum(b + PF, last), FMT, quad_l)
             if s == 2:
-                n0 = _a_raw(w0, off0, K, gl.minimum(b + 1, last), FMT, quad_l, A16)
+                n0 = _a_raw(w0, off0, K, gl.minimum(b + 1, last), FMT, quad_l, A16, LATE)
             if s == 3:
-                n1 = _a_raw(w1, off1, K, gl.minimum(b + 1, last), FMT, quad_l, A16)
+                n1 = _a_raw(w1, off1, K, gl.minimum(b + 1, last), FMT, quad_l, A16, LATE)
             acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])  # A registers live until read
             acc1 = warpgroup_mma(a1, xb, acc1, is_async=True)
+            if FMT == 12 and s == 1:
+                r0 = p0
             if s < 3:
                 a0 = _a_tile(r0, tab, mag, tabs, s + 1, FMT, SMEM_TAB, a_l, pair_l, quad_l, BN)
             else:
@@ -440,7 +481,7 @@ def _tile_info(tiles):
 def _gate_up_kernel(
     xp, order, wts, tiles, gate, up, tabs, h, RB, clamp,
     F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, FMT: gl.constexpr,
-    DFMT: gl.constexpr, BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr,
+    DFMT: gl.constexpr, BM: gl.constexpr, NW: gl.constexpr, A16: gl.constexpr, PF: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 16 * NW
     mma: gl.constexpr = _mma_layout(NW, BM)
@@ -462,7 +503,7 @@ def _gate_up_kernel(
         + gl.arange(0, 64, layout=gl.SliceLayout(0, x_l))[None, :]
     )
     acc_g, acc_u = _two_streams(gate, row_off, up, row_off, tabs, xrow, xvalid, D, FMT, BM, NW,
-                                A16)  # fmt: skip
+                                A16, PF)  # fmt: skip
     g = gl.minimum(acc_g, clamp)
     u = gl.minimum(gl.maximum(acc_u, -clamp), clamp)
     cols = start + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
@@ -480,7 +521,7 @@ def _gate_up_kernel(
 def _down_kernel(
     hp, order, tiles, down, tabs, y, RB,
     F: gl.constexpr, D: gl.constexpr, FMT: gl.constexpr, BM: gl.constexpr, NW: gl.constexpr,
-    A16: gl.constexpr,
+    A16: gl.constexpr, PF: gl.constexpr,
 ):  # fmt: skip
     # two row blocks per program, pipelined like gate/up: each MMA overlaps the next decode
     BN: gl.constexpr = 16 * NW
@@ -499,7 +540,8 @@ def _down_kernel(
     xrow = (
         hp + xr.to(gl.int64)[:, None] * F + gl.arange(0, 64, layout=gl.SliceLayout(0, x_l))[None, :]
     )
-    acc0, acc1 = _two_streams(down, off0, down, off1, tabs, xrow, xvalid, F, FMT, BM, NW, A16)
+    acc0, acc1 = _two_streams(down, off0, down, off1, tabs, xrow, xvalid, F, FMT, BM, NW, A16,
+                              PF)  # fmt: skip
     cols = start + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     slot = gl.load(order + cols, mask=cols < end, other=0)  # straight to (token, slot) rows
     rr = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
@@ -515,21 +557,24 @@ def grouped(x, order, wts, tiles, gate, up, down, k, clamp, tabs, cfg) -> torch.
     n_exp, n_ff, dim = gate.shape
     n_slots, n_tiles = order.numel(), tiles.shape[0]
     # one warpgroup per program (q2: 8 warps measured slower; cfg "NW" for the benchmark)
-    bm, nw = cfg["BM"], cfg.get("NW", 4)
+    # L2 prefetch a block ahead at BM 64 (H200 cycles, 2048 tokens: q4 -6 %, q2 -3 %)
+    bm, nw, pf = cfg["BM"], cfg.get("NW", 4), cfg.get("PF", 1 if cfg["BM"] == 64 else 0)
     xp = x_kappa(x, gate.qtype)
     h = torch.empty(n_slots, n_ff, dtype=torch.float16, device=x.device)
     y = torch.empty(n_slots, dim, dtype=torch.float32, device=x.device)
-    # 168 registers: three programs per SM; the 2-bit kernels at BM 64 fit them without
-    # spilling (H200, 2048 routed tokens: 2.31 -> 2.17 ms with both capped)
-    cap = {GQ.IQ2_XXS: {"maxnreg": 168}, GQ.Q2_K: {"maxnreg": 168}} if bm == 64 else {}
+    # 168 registers: three programs per SM at BM 64, for a few bytes of stack (L1) at most
+    # (H200, 2048 routed tokens: q2 2.31 -> 2.17 ms with both capped; q4 -6 % of cycles)
+    cap = {q: {"maxnreg": 168} for q in FORMATS} if bm == 64 else {}
+    if "maxnreg" in cfg:  # the benchmark's override (0: none)
+        cap = {q: {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {} for q in FORMATS}
     _gate_up_kernel[(n_ff // (16 * nw), n_tiles)](
         xp, order, wts, tiles, gate.data, up.data, tabs, h, gate.data.shape[-1], float(clamp),
         F=n_ff, D=dim, KTOP=k, FMT=int(gate.qtype), DFMT=int(down.qtype), BM=bm, NW=nw,
-        A16=gate.data.shape[-1] % 16 == 0, num_warps=nw, **cap.get(gate.qtype, {}),
+        A16=gate.data.shape[-1] % 16 == 0, PF=pf, num_warps=nw, **cap.get(gate.qtype, {}),
     )  # fmt: skip
     _down_kernel[(dim // (32 * nw), n_tiles)](
         h, order, tiles, down.data, tabs, y, down.data.shape[-1], F=n_ff, D=dim,
-        FMT=int(down.qtype), BM=bm, NW=nw, A16=down.data.shape[-1] % 16 == 0, num_warps=nw,
+        FMT=int(down.qtype), BM=bm, NW=nw, A16=down.data.shape[-1] % 16 == 0, PF=pf, num_warps=nw,
         **cap.get(down.qtype, {}),
     )  # fmt: skip
     return y
