@@ -405,7 +405,8 @@ def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: g
     A 256-column block's weight bytes are loaded during its predecessor's last steps. The
     activation tile of step i + 3 is requested at the end of step i, into the buffer step i
     read: the compiler then places two CTA barriers per step (before the copy, after the
-    wait); with the request mid-step and a barrier of our own it placed five."""
+    wait); with the request mid-step and a barrier of our own it placed five. PF > 0: each
+    block's decode also asks L2 for the quant bytes of block b + PF."""
     BN: gl.constexpr = 16 * NW
     mma: gl.constexpr = _mma_layout(NW, BM)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -424,7 +425,9 @@ def _two_streams(w0, off0, w1, off1, tabs, xrow, xvalid, K: gl.constexpr, FMT: g
         _smem_tables(tabs, NW)
         tab = _table_base(tab)
         mag = _magnitudes(tab, pair_l)
-    LATE: gl.constexpr = BM == 64  # at BM 128 the kernels spill either way; earlier was faster
+    # Q4_K halves apart only at BM 64 (for 168 registers): at BM 128 the kernels spill either
+    # way and loading both halves at once measured 4 % faster
+    LATE: gl.constexpr = BM == 64
     r0 = _a_raw(w0, off0, K, 0, FMT, quad_l, A16, LATE)
     r1 = _a_raw(w1, off1, K, 0, FMT, quad_l, A16, LATE)
     _x_prefetch(x_smem, xrow, xvalid, 0, n_steps)
