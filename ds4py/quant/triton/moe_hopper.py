@@ -268,27 +268,35 @@ def _load4(p, A16: gl.constexpr):
 
 
 @gluon.jit
+def _lane_run(w, row_off, b, FMT: gl.constexpr, quad_l: gl.constexpr):
+    """[rows, lane quarter t]: each row's address, the address of the lane's quant bytes of
+    block b (16 at 64b + 16t; Q4_K 32 at 128b + 32t), and t."""
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
+    base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+    return base, base + (128 * b + 32 * t if FMT == 12 else 64 * b + 16 * t), t
+
+
+@gluon.jit
 def _a_raw(w, row_off, K, b, FMT: gl.constexpr, quad_l: gl.constexpr, A16: gl.constexpr,
            LATE: gl.constexpr):  # fmt: skip
     """The bytes behind the A operands of the four MMA steps of 256-column block b (rows at
     byte offsets row_off [BN]), as loaded: each lane's 16 (Q4_K: 32) quant bytes of a row in
     one load (the old per-step 8-byte loads of 8 rows a warp kept the L1 data pipe 70-84 %
     busy), then the block's scales. Loaded a block or more ahead of `_a_tile`."""
-    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
-    base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
+    base, run, t = _lane_run(w, row_off, b, FMT, quad_l)
     if FMT == 16:  # IQ2_XXS: words A (grid indices), B (signs, scale) of groups 2t, 2t + 1
-        q = _load4(base + 64 * b + 16 * t, A16)
+        q = _load4(run, A16)
         d = gl.load((base + K // 4 + 2 * b).to(gl.pointer_type(gl.float16)))
         raw = (q, d, d)
     elif FMT == 10:  # Q2_K: 2-bit planes; scale bytes 8h .. 8h + 7 (h = t // 2); d, dmin
-        q = _load4(base + 64 * b + 16 * t, A16)
+        q = _load4(run, A16)
         sc = gl.load((base + K // 4 + 16 * b + 8 * (t // 2)).to(gl.pointer_type(gl.int64)))
         dm = gl.load((base + K // 4 + 16 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
         raw = (q, sc, dm)
     else:  # Q4_K: the first 16 nibble bytes; the 12 bytes of 6-bit scales and mins; d, dmin;
         # the other 16 nibble bytes unless LATE (then `_q4_second_half` loads them)
-        q = _load4(base + 128 * b + 32 * t, A16)
-        q2 = q if LATE else _load4(base + 128 * b + 32 * t + 16, A16)
+        q = _load4(run, A16)
+        q2 = q if LATE else _load4(run + 16, A16)
         sc = (base + K // 2 + 12 * b).to(gl.pointer_type(gl.int32))
         dm = gl.load((base + K // 2 + 12 * (K // 256) + 4 * b).to(gl.pointer_type(gl.int32)))
         raw = (q, (gl.load(sc), gl.load(sc + 1), gl.load(sc + 2)), dm, q2)
@@ -303,9 +311,7 @@ def _q4_second_half(w, row_off, b, first, quad_l: gl.constexpr, A16: gl.constexp
     kernels fit 168 registers, three programs per SM)."""
     q2 = first[3]
     if LATE:
-        t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
-        base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
-        q2 = _load4(base + 128 * b + 32 * t + 16, A16)
+        q2 = _load4(_lane_run(w, row_off, b, 12, quad_l)[1] + 16, A16)
     return (q2, first[1], first[2], q2)
 
 
@@ -313,11 +319,9 @@ def _q4_second_half(w, row_off, b, first, quad_l: gl.constexpr, A16: gl.constexp
 def _prefetch_l2(w, row_off, b, FMT: gl.constexpr, quad_l: gl.constexpr):
     """Ask L2 for the quant bytes of block b (each lane its own 16 / 32 of a row's block), so
     that `_a_raw`'s loads of that block later find them there."""
-    t = gl.arange(0, 4, layout=gl.SliceLayout(0, quad_l))[None, :]
-    base = w + gl.convert_layout(row_off, gl.SliceLayout(1, quad_l))[:, None]
-    p = base + (128 * b + 32 * t if FMT == 12 else 64 * b + 16 * t)
+    run = _lane_run(w, row_off, b, FMT, quad_l)[1]
     gl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=gl.int32,
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [run], dtype=gl.int32,
         is_pure=False, pack=1,
     )  # fmt: skip
 
